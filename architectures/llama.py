@@ -1,0 +1,143 @@
+"""Llama: the base architecture. Every other family subclasses it and restates only its differences.
+
+Ops and what they replace in `transformers.models.llama.modeling_llama`:
+- `rms_norm`: `LlamaRMSNorm.forward` -> `kernels.rms_norm` (float32 compute, Llama casting)
+- `rope`: `apply_rotary_pos_emb` -> `kernels.apply_rope`
+- `mlp`: `LlamaMLP.forward` -> gated activation kernel chosen from the module's `act_fn`
+- `cross_entropy`: `LlamaForCausalLM.forward` -> with labels in training, the backbone plus
+  `kernels.fused_linear_cross_entropy` (no logits); otherwise the original forward, untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar
+
+from torch import nn
+
+from patchkit import kernels as K
+from patchkit.architecture import Architecture, replaces
+
+
+def _activation_kernels() -> dict[type, str]:
+    from transformers import activations
+
+    return {activations.SiLUActivation: "swiglu", nn.SiLU: "swiglu", activations.GELUTanh: "geglu"}
+
+
+class Llama(Architecture):
+    name = "llama"
+    model_types = ("llama",)
+    module = "transformers.models.llama.modeling_llama"
+    prefix = "Llama"
+    tiny_config: ClassVar[dict] = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 32}}
+
+    norm_offset: ClassVar[float] = 0.0  # RMSNorm multiplies by (offset + weight)
+    norm_cast: ClassVar[str] = "llama"  # see kernels.rms_norm
+    norm_eps: ClassVar[str] = "variance_epsilon"  # attribute of the norm module holding eps
+
+    @replaces("rms_norm", "{prefix}RMSNorm.forward")
+    def rms_norm(self, original):
+        backend, offset, cast, eps = self.backend, self.norm_offset, self.norm_cast, self.norm_eps
+
+        def forward(module, hidden_states):
+            return K.rms_norm(hidden_states, module.weight, getattr(module, eps), offset=offset, cast=cast,
+                              backend=backend)
+
+        return forward
+
+    @replaces("rope", "apply_rotary_pos_emb")
+    def rope(self, original):
+        backend = self.backend
+
+        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+            return K.apply_rope(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim), backend=backend)
+
+        return apply_rotary_pos_emb
+
+    @replaces("mlp", "{prefix}MLP.forward")
+    def mlp(self, original):
+        backend, kernels = self.backend, _activation_kernels()
+
+        def forward(module, x):
+            kernel = kernels.get(type(module.act_fn))
+            if kernel is None:
+                return original(module, x)
+            gated = getattr(K, kernel)(module.gate_proj(x), module.up_proj(x), backend=backend)
+            return module.down_proj(gated)
+
+        return forward
+
+    @replaces("cross_entropy", "{prefix}ForCausalLM.forward")
+    def cross_entropy(self, original):
+        return _fused_causal_lm_forward(original, self.backend)
+
+
+def _fused_causal_lm_forward(original, backend):
+    """A `*ForCausalLM.forward` that computes the training loss without logits.
+
+    The fused path runs when labels are given in training mode (or `skip_logits=True`), and
+    for TRL's `fused_lm_head=True` call; everything else goes to the original forward.
+    """
+    signature = inspect.signature(original)
+    var_kw = next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD)
+
+    def forward(self, *args, **kwargs):
+        fused_lm_head = kwargs.pop("fused_lm_head", False)
+        skip_logits = kwargs.pop("skip_logits", None)
+        bound = signature.bind(self, *args, **kwargs).arguments
+        labels = bound.get("labels")
+        wanted = (labels is not None or "shift_labels" in bound.get(var_kw, {})) and (
+            self.training if skip_logits is None else skip_logits)
+        head = self.get_output_embeddings()
+        usable = isinstance(head, nn.Linear) and head.bias is None  # not a PEFT-wrapped or biased head
+        if not (fused_lm_head or wanted) or not usable:
+            return original(self, *args, **kwargs)
+        extra = dict(bound.pop(var_kw, {}))  # passed to the backbone too, as the original does
+        return_dict = extra.pop("return_dict", None)
+        loss_kwargs = {k: extra[k] for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in extra}
+        inputs = {k: v for k, v in bound.items() if k not in ("self", "labels", "logits_to_keep")}
+        if fused_lm_head:
+            inputs["use_cache"] = False
+        outputs = self.base_model(**inputs, **extra)
+        hidden = outputs.last_hidden_state
+        softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        if fused_lm_head:
+            return _trl_output(hidden, head.weight, labels, softcap, loss_kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
+        loss = K.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, backend=backend,
+                                            **loss_kwargs)
+        out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        use_tuple = return_dict is False or (return_dict is None and not self.config.return_dict)
+        return out.to_tuple() if use_tuple else out
+
+    return forward
+
+
+def _trl_output(hidden, weight, labels, softcap, loss_kwargs):
+    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`."""
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from patchkit.kernels.cross_entropy import linear_cross_entropy_stats
+
+    shift_labels = loss_kwargs.get("shift_labels")
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    targets = targets.to(weight.device)
+    mask = targets != -100
+    loss_per_token, entropy, top1 = linear_cross_entropy_stats(hidden.to(weight.device), weight, targets,
+                                                                softcap=softcap)
+    log_probs = -loss_per_token
+    num_items = loss_kwargs.get("num_items_in_batch")
+    loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
+                               mean_logits=None, is_top1=top1, label_mask=mask, aux_loss=None)

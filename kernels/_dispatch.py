@@ -1,0 +1,73 @@
+"""Providers and dispatch: every op is one function, each backend a `Provider` that implements it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+OPS = ("rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy")
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run the op on the tensor's device."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Implementations of some ops for some devices.
+
+    `devices` are the device types it can run on (None: any). `auto_devices` are those where
+    `backend="auto"` may pick it; among those, the highest `priority` that has the op wins.
+    `overrides=True` lets a plugin replace a provider of the same name.
+    """
+
+    name: str
+    ops: Mapping[str, Callable] = field(default_factory=dict)
+    devices: tuple[str, ...] | None = None
+    auto_devices: tuple[str, ...] = ()
+    priority: int = 0
+    description: str = ""
+    overrides: bool = False
+
+    def unavailable(self, device_type: str) -> str | None:
+        """Why this provider cannot run on `device_type`, or None when it can."""
+        if self.devices is None or device_type in self.devices:
+            return None
+        return f"backend {self.name!r} runs on {', '.join(self.devices)}, not on {device_type!r}"
+
+
+def _providers() -> dict[str, Provider]:
+    from patchkit.plugins import manager
+
+    return manager().providers
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(op: str, backend: str, device_type: str) -> Callable:
+    """The implementation of `op` that `backend` gives for `device_type` (cached; see `clear_cache`)."""
+    providers = _providers()
+    if backend == "auto":
+        candidates = [p for p in providers.values() if op in p.ops and device_type in p.auto_devices]
+        if not candidates:
+            candidates = [providers["torch"]]
+        return max(candidates, key=lambda p: p.priority).ops[op]
+    provider = providers.get(backend)
+    if provider is None:
+        raise BackendError(f"unknown backend {backend!r}; known backends: auto, {', '.join(providers)}")
+    reason = provider.unavailable(device_type)
+    if reason:
+        raise BackendError(f"{reason}; use backend='auto' or move the model to a supported device")
+    if op not in provider.ops:
+        raise BackendError(f"backend {backend!r} has no {op!r}; it provides {', '.join(provider.ops)}")
+    return provider.ops[op]
+
+
+def clear_cache() -> None:
+    resolve.cache_clear()
+
+
+def dispatch(op: str, backend: str, device: torch.device) -> Callable:
+    return resolve(op, backend, device.type)

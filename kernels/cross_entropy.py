@@ -1,0 +1,201 @@
+"""LM head + cross-entropy without the (tokens x vocab) logits.
+
+Tokens are processed in chunks whose logits fit a fixed buffer. For a reduced loss ("mean",
+"sum", or a `num_items_in_batch` divisor) the gradient is uniform over tokens, so each chunk's
+gradients are computed in the forward pass, while its logits are at hand (three matmuls, none
+repeated). `reduction="none"` keeps the per-token log-sum-exp and recomputes each chunk in
+backward, where the per-token gradient is known. Ignored tokens are dropped before the matmul.
+
+Semantics follow transformers' `ForCausalLMLoss`: `labels` align with `hidden` and are shifted
+here; pre-shifted `shift_labels` are used as given. An all-ignored batch gives a loss of 0 with
+zero gradients, where `F.cross_entropy(reduction="mean")` would give NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import dispatch
+
+REDUCTIONS = ("mean", "sum", "none")
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in float32; large enough for full-speed matmuls
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None, *,
+                               ignore_index: int = -100, softcap: float | None = None,
+                               num_items_in_batch: int | torch.Tensor | None = None, reduction: str = "mean",
+                               shift_labels: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    fn = dispatch("fused_linear_cross_entropy", backend, hidden.device)
+    return fn(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+              num_items_in_batch=num_items_in_batch, reduction=reduction, shift_labels=shift_labels)
+
+
+def shifted_targets(labels, shift_labels, ignore_index):
+    """Next-token targets, as `ForCausalLMLoss` builds them."""
+    if shift_labels is not None:
+        return shift_labels
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _chunk_rows(n, vocab):
+    return max(1, min(n, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _buffer(h, weight):
+    """One chunk's logits, reused by every chunk (fresh large allocations page-fault on CPU)."""
+    return torch.empty(_chunk_rows(h.shape[0], weight.shape[0]), weight.shape[0], dtype=weight.dtype,
+                       device=weight.device)
+
+
+def _probs(hc, weight, targets, softcap, buffer):
+    """Softmax of one chunk's logits (float32, in place where safe), per-row lse, target logit, argmax.
+
+    Returns (p, lse, target_logit, top, dcap) where dcap is d(capped)/d(raw) when soft-capping.
+    """
+    logits = torch.mm(hc.to(weight.dtype), weight.t(), out=buffer[: hc.shape[0]])
+    logits = logits.float() if logits.dtype != torch.float32 else logits
+    dcap = None
+    if softcap:
+        tanh = logits.div_(softcap).tanh_()
+        logits = tanh * softcap
+        dcap = tanh.square_().neg_().add_(1)
+    top_logit, top = logits.max(-1)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    p = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if logits.is_cpu else logits.softmax(-1)
+    lse = top_logit - p.gather(1, top[:, None]).squeeze(1).log()
+    return p, lse, target_logit, top, dcap
+
+
+def _grad_logits(p, targets, dcap, row_scale=None):
+    """d loss / d raw logits, in place in `p`: softmax - onehot, per-row scaled, through the cap."""
+    p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))
+    if row_scale is not None:
+        p.mul_(row_scale[:, None])
+    if dcap is not None:
+        p.mul_(dcap)
+    return p
+
+
+def _accumulate(g, hc, weight, grad_h, grad_w, rows, alpha):
+    g = g.to(weight.dtype)
+    if grad_h is not None:
+        torch.mm(g, weight, out=grad_h[rows]) if grad_h.dtype == g.dtype else grad_h[rows].copy_(g @ weight)
+        if alpha != 1.0:
+            grad_h[rows].mul_(alpha)
+    if grad_w is not None:
+        grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype), alpha=alpha)
+
+
+def _grad_buffers(ctx, h, weight):
+    grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+    acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+    return grad_h, grad_w
+
+
+class _SummedCE(torch.autograd.Function):
+    """`scale * sum(per-token loss)` over tokens that all count; grads computed in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, scale):
+        grad_h, grad_w = _grad_buffers(ctx, h, weight)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        step, buffer = _chunk_rows(h.shape[0], weight.shape[0]), _buffer(h, weight)
+        for start in range(0, h.shape[0], step):
+            rows = slice(start, start + step)
+            hc, tc = h[rows], targets[rows]
+            p, lse, target_logit, _, dcap = _probs(hc, weight, tc, softcap, buffer)
+            total += (lse - target_logit).sum()
+            if grad_h is not None or grad_w is not None:
+                _accumulate(_grad_logits(p, tc, dcap), hc, weight, grad_h, grad_w, rows, scale)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):
+            grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+class _PerTokenCE(torch.autograd.Function):
+    """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, softcap, with_stats):
+        keep = targets != ignore_index
+        safe = targets.masked_fill(~keep, 0)
+        loss = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        lses = torch.empty_like(loss)
+        entropy = torch.zeros_like(loss) if with_stats else None
+        top1 = torch.zeros_like(keep) if with_stats else None
+        step, buffer = _chunk_rows(h.shape[0], weight.shape[0]), _buffer(h, weight)
+        with torch.no_grad():
+            for start in range(0, h.shape[0], step):
+                rows = slice(start, start + step)
+                p, lse, target_logit, top, _ = _probs(h[rows], weight, safe[rows], softcap, buffer)
+                lses[rows], loss[rows] = lse, lse - target_logit
+                if with_stats:
+                    entropy[rows] = torch.special.entr(p).sum(-1)
+                    top1[rows] = top == safe[rows]
+        loss.masked_fill_(~keep, 0)
+        ctx.save_for_backward(h, weight, safe, keep)
+        ctx.softcap = softcap
+        if with_stats:
+            ctx.mark_non_differentiable(entropy, top1)
+            return loss, entropy.masked_fill_(~keep, 0), top1 & keep
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        h, weight, safe, keep = ctx.saved_tensors
+        grad_h, grad_w = _grad_buffers(ctx, h, weight)
+        row_grad = grad_loss.float() * keep
+        step, buffer = _chunk_rows(h.shape[0], weight.shape[0]), _buffer(h, weight)
+        for start in range(0, h.shape[0], step):
+            rows = slice(start, start + step)
+            p, _, _, _, dcap = _probs(h[rows], weight, safe[rows], ctx.softcap, buffer)
+            _accumulate(_grad_logits(p, safe[rows], dcap, row_grad[rows]), h[rows], weight, grad_h, grad_w,
+                        rows, 1.0)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def _flatten(hidden, labels, shift_labels, ignore_index):
+    targets = shifted_targets(labels, shift_labels, ignore_index)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if targets.numel() != h.shape[0]:
+        raise ValueError(f"labels hold {targets.numel()} tokens but hidden holds {h.shape[0]}")
+    return h, targets.reshape(-1).to(h.device), targets.shape
+
+
+def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-100, softcap=None,
+                                     num_items_in_batch=None, reduction="mean", shift_labels=None):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    h, targets, shape = _flatten(hidden, labels, shift_labels, ignore_index)
+    if reduction == "none" and num_items_in_batch is None:
+        return _PerTokenCE.apply(h, weight, targets, ignore_index, softcap, False).view(shape)
+    keep = targets != ignore_index
+    if not bool(keep.all()):
+        index = keep.nonzero().squeeze(1)
+        h, targets = h.index_select(0, index), targets.index_select(0, index)
+    if num_items_in_batch is not None:
+        scale = 1.0 / float(num_items_in_batch)
+    elif reduction == "mean":
+        scale = 1.0 / max(targets.numel(), 1)
+    else:
+        scale = 1.0
+    return _SummedCE.apply(h, weight, targets, softcap, scale)
+
+
+def linear_cross_entropy_stats(hidden, weight, targets, *, ignore_index=-100, softcap=None):
+    """Per-token loss (differentiable), entropy and whether the target is the top-1 token.
+
+    `targets` are already aligned with `hidden` (shifted). Serves TRL's `fused_lm_head=True` call.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    loss, entropy, top1 = _PerTokenCE.apply(h, weight, targets.reshape(-1), ignore_index, softcap, True)
+    return loss.view(targets.shape), entropy.view(targets.shape), top1.view(targets.shape)

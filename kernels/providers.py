@@ -1,0 +1,10 @@
+"""The built-in kernel providers, registered through the same hook as third-party ones."""
+
+from patchkit.plugins import hookimpl
+
+from . import TORCH
+
+
+@hookimpl
+def patchkit_kernel_providers():
+    return [TORCH]

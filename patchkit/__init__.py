@@ -1,0 +1,149 @@
+"""patchkit: fused kernels for Hugging Face causal LMs, patched in and out exactly.
+
+    import patchkit
+    patchkit.patch("llama")        # every Llama model, existing or future, runs the fused paths
+    patchkit.unpatch("llama")      # every original object is back, `is`-identical
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import patcher
+from .architecture import Architecture, replaces
+from .kernels import BackendError, Provider
+from .patcher import PatchError
+from .plugins import hookimpl, manager
+
+from . import architectures  # noqa: E402  (callable: `patchkit.architectures()` lists the names)
+
+__all__ = [
+    "Architecture", "BackendError", "Patch", "PatchError", "Provider", "UnknownArchitectureError", "architectures",
+    "backends", "hookimpl", "is_patched", "patch", "patched", "replaces", "unpatch", "verify",
+]
+
+
+class UnknownArchitectureError(PatchError, ValueError):
+    """The target names no registered architecture."""
+
+
+class Patch:
+    """Handle of one `patch()` call; a context manager that undoes what that call applied."""
+
+    def __init__(self, names: list[str], applied: list[str], backend: str):
+        self.architectures, self._applied, self.backend = names, applied, backend
+
+    def unpatch(self) -> None:
+        with patcher.lock:
+            for name in reversed(self._applied):
+                patcher.restore(name)
+            self._applied = []
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        return f"<Patch {', '.join(self.architectures)} backend={self.backend!r}>"
+
+
+def _unwrap(model: Any) -> Any:
+    for attr in ("module", "get_base_model"):  # DDP/accelerate wrappers, then PEFT
+        inner = getattr(model, attr, None)
+        if inner is not None:
+            model = _unwrap(inner() if callable(inner) and attr == "get_base_model" else inner)
+    return model
+
+
+def _model_types(target: Any) -> list[str]:
+    config = getattr(_unwrap(target), "config", target)
+    types = [getattr(config, "model_type", None)]
+    if hasattr(config, "get_text_config"):
+        types.append(getattr(config.get_text_config(), "model_type", None))
+    return [t for t in types if t]
+
+
+def _resolve(target: Any) -> list[type[Architecture]]:
+    registry = manager()
+    if target is None:
+        return list(registry.architectures.values())
+    if isinstance(target, (list, tuple, set)):
+        return [arch for item in target for arch in _resolve(item)]
+    keys = [target] if isinstance(target, str) else _model_types(target)
+    for key in keys:
+        if key in registry.model_types:
+            return [registry.model_types[key]]
+    known = ", ".join(sorted(registry.model_types))
+    raise UnknownArchitectureError(
+        f"no patchkit architecture for {keys[0] if keys else type(target).__name__!r}; known architectures and "
+        f"model types: {known}. Install a plugin that adds it (see `patchkit plugins`) or subclass "
+        f"patchkit.architectures.Llama.")
+
+
+def _check_backend(backend: str, target: Any, archs: list[type[Architecture]]) -> None:
+    providers = manager().providers
+    if backend != "auto" and backend not in providers:
+        raise BackendError(f"unknown backend {backend!r}; known backends: auto, {', '.join(providers)}")
+    params = getattr(_unwrap(target), "parameters", None)
+    if backend != "auto" and callable(params):
+        device = next(params(), None)
+        reason = device is not None and providers[backend].unavailable(device.device.type)
+        if reason:
+            raise BackendError(f"{reason}; the model is on {device.device}. Use backend='auto' or move it.")
+
+
+def patch(target: Any = None, *, backend: str = "auto", **ops: bool) -> Patch:
+    """Patch the architecture(s) of `target`: a name, a model type, a config, a model (PEFT too) or None (all).
+
+    `ops` switch single ops off or on (`rms_norm=False`). Idempotent and atomic: on a missing
+    attribute nothing changes and `PatchError` says which.
+    """
+    archs = _resolve(target)
+    known_ops = {op for arch in archs for op in arch.ops()}
+    unknown = sorted(set(ops) - known_ops)
+    if unknown:
+        raise TypeError(f"unknown op(s) {', '.join(unknown)}; the ops are {', '.join(sorted(known_ops))}")
+    _check_backend(backend, target, archs)
+    applied: list[str] = []
+    with patcher.lock:
+        try:
+            for arch in archs:
+                if patcher.apply(arch(backend, {op: bool(on) for op, on in ops.items()})):
+                    applied.append(arch.name)
+        except BaseException:
+            for name in reversed(applied):
+                patcher.restore(name)
+            raise
+    return Patch([a.name for a in archs], applied, backend)
+
+
+def unpatch(target: Any = None) -> None:
+    """Restore every object the patch of `target`'s architecture(s) replaced."""
+    with patcher.lock:
+        for arch in _resolve(target):
+            patcher.restore(arch.name)
+
+
+def patched(target: Any = None, **kwargs: Any) -> Patch:
+    """`with patchkit.patched("llama"): ...` — patched inside the block, restored after it."""
+    return patch(target, **kwargs)
+
+
+def is_patched(target: Any = None) -> bool:
+    return all(patcher.state(arch.name) is not None for arch in _resolve(target))
+
+
+def backends() -> dict[str, dict[str, Any]]:
+    """Every kernel provider: its ops, the devices it runs on, and where `backend="auto"` picks it."""
+    return {name: {"ops": sorted(p.ops), "devices": list(p.devices) if p.devices is not None else ["any"],
+                   "auto": list(p.auto_devices), "priority": p.priority, "description": p.description}
+            for name, p in manager().providers.items()}
+
+
+def verify(target: Any = None, **kwargs: Any):
+    """Compare patched and unpatched runs of a tiny random model; see `patchkit.parity.verify`."""
+    from .parity import verify as _verify
+
+    return _verify(target, **kwargs)

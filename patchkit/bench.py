@@ -1,0 +1,148 @@
+"""Benchmarks: patched and unpatched runs alternated in one process, so machine drift cancels.
+
+`patchkit bench train`: one full fine-tuning step (forward, backward, AdamW) of a Llama-shaped
+model. Reports tokens/s, peak resident memory of the process during the step, and the part of
+that peak the step adds on top of what was resident before it (weights, optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import patchkit
+
+TRAIN = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=1408, vocab_size=128256, max_position_embeddings=2048)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Release free heap to the OS, reset the peak-RSS mark; return the resident bytes now."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _matmul_flops() -> float:
+    a, b = torch.randn(2048, 512), torch.randn(512, 16384)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048 * 512 * 16384 / (time.perf_counter() - start)
+
+
+def train(args) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TRAIN, "vocab_size": args.vocab})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    tokens = ids.numel()
+    n_params = sum(p.numel() for p in model.parameters())
+    matmul_params = n_params - model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
+    flops_per_step = 6 * matmul_params * tokens + 12 * config.num_hidden_layers * args.seq * tokens * config.hidden_size // 2
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    results = {"unpatched": {"s": [], "peak": [], "added": []}, "patched": {"s": [], "peak": [], "added": []}}
+    order = ["unpatched", "patched"]
+    for variant in order:  # warm-up: allocator, optimizer state, one step each
+        with patchkit.patched("llama") if variant == "patched" else _nothing():
+            step()
+    for round_ in range(args.rounds):
+        for variant in order if round_ % 2 == 0 else order[::-1]:
+            with patchkit.patched("llama") if variant == "patched" else _nothing():
+                for _ in range(args.steps):
+                    before = _reset_peak()
+                    start = time.perf_counter()
+                    step()
+                    results[variant]["s"].append(time.perf_counter() - start)
+                    peak = _status("VmHWM")
+                    results[variant]["peak"].append(peak)
+                    results[variant]["added"].append(peak - before)
+            print(f"  round {round_ + 1}/{args.rounds} {variant}: {results[variant]['s'][-1]:.2f} s/step",
+                  file=sys.stderr)
+    peak_flops = _matmul_flops()
+    summary = {"scenario": "train", "tokens_per_step": tokens, "params": n_params, "threads": torch.get_num_threads(),
+               "matmul_gflops": peak_flops / 1e9}
+    for variant, r in results.items():
+        s = statistics.median(r["s"])
+        summary[variant] = {"s_per_step": s, "tokens_per_s": tokens / s, "peak_rss_gib": statistics.median(r["peak"]) / 2**30,
+                            "step_added_gib": statistics.median(r["added"]) / 2**30,
+                            "mfu": flops_per_step / s / peak_flops}
+    u, p = summary["unpatched"], summary["patched"]
+    summary["speedup"] = p["tokens_per_s"] / u["tokens_per_s"]
+    summary["peak_ratio"] = p["peak_rss_gib"] / u["peak_rss_gib"]
+    summary["step_added_ratio"] = p["step_added_gib"] / u["step_added_gib"]
+    return summary
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def report(summary: dict) -> str:
+    u, p = summary["unpatched"], summary["patched"]
+    rows = [("tokens/s", "tokens_per_s", "{:.0f}"), ("s/step", "s_per_step", "{:.2f}"),
+            ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"), ("memory added by the step (GiB)", "step_added_gib", "{:.2f}"),
+            ("MFU vs measured matmul", "mfu", "{:.0%}")]
+    lines = [f"| train step ({summary['tokens_per_step']} tokens, {summary['params'] / 1e6:.0f} M params, "
+             f"{summary['threads']} threads) | unpatched | patched | patched / unpatched |", "|---|---|---|---|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(u[key])} | {fmt.format(p[key])} | {p[key] / u[key]:.2f}x |")
+    lines.append(f"\nmatmul measured in the same run: {summary['matmul_gflops']:.0f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="patchkit bench")
+    parser.add_argument("scenario", choices=["train"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=TRAIN["vocab_size"])
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of unpatched and patched")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--json", help="also write the summary as JSON to this path")
+    args = parser.parse_args(argv)
+    summary = train(args)
+    print(report(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`patchkit verify | list | plugins | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _verify(args) -> int:
+    import patchkit
+
+    failed = False
+    for target in args.arch or [None]:
+        for result in patchkit.verify(target, backend=args.backend, dtype=args.dtype,
+                                      attn_implementation=args.attn):
+            print(result.table(), end="\n\n")
+            failed |= not result.ok
+    print("patchkit verify:", "MISMATCH" if failed else "all architectures match")
+    return 1 if failed else 0
+
+
+def _list(args) -> int:
+    import patchkit
+    from patchkit.plugins import manager
+
+    for name, arch in manager().architectures.items():
+        parent = arch.parent()
+        print(f"{name}{f' (from {parent})' if parent else ''}: model types {', '.join(arch.model_types)}; "
+              f"module {arch.module}; ops {', '.join(arch.ops())}")
+    print("backends:")
+    for name, info in patchkit.backends().items():
+        print(f"  {name}: devices {', '.join(info['devices'])}; ops {', '.join(info['ops'])}")
+    return 0
+
+
+def _plugins(args) -> int:
+    from patchkit.plugins import manager
+
+    registry = manager()
+    for info in registry.info.values():
+        print(f"{info.name}  {info.distribution} {info.version}  hooks: {', '.join(info.hooks) or '-'}")
+    for err in registry.errors:
+        print(f"FAILED {err.plugin}  {err.distribution}  {err.error}")
+    return 0
+
+
+def _bench(args) -> int:
+    from patchkit import bench
+
+    return bench.main([args.scenario, *args.rest])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="patchkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="parity of patched vs unpatched tiny models; exit 1 on a mismatch")
+    v.add_argument("arch", nargs="*", help="architecture names or model types (default: all)")
+    v.add_argument("--backend", default="auto")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="reference attention implementation")
+    v.set_defaults(func=_verify)
+    sub.add_parser("list", help="architectures, their ops, and kernel backends").set_defaults(func=_list)
+    sub.add_parser("plugins", help="loaded plugins and load errors").set_defaults(func=_plugins)
+    b = sub.add_parser("bench", help="benchmarks (patched vs unpatched, side by side)")
+    b.add_argument("scenario", choices=["train"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as err:  # a clear one-line error for the user, not a traceback
+        from patchkit import BackendError, PatchError
+
+        if isinstance(err, (PatchError, BackendError, TypeError)):
+            print(f"patchkit: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Parity harness: a tiny random model of an architecture, run unpatched and patched.
+
+Compares logits (eval), loss and every parameter's gradient (train). The error of a tensor is
+max|patched - reference| / max|reference|. float32 must agree within 1e-5 (logits) and 1e-4
+(loss and gradients, which pass through the fused cross-entropy). In bfloat16 the reference is
+the float32 model, and the patched error may be at most twice the unpatched bf16 model's own.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import patcher
+from .architecture import Architecture
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
+FP32_TOL = {"logits": 1e-5, "loss": 1e-4, "grad": 1e-4}
+
+
+@dataclass
+class Row:
+    tensor: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.tol  # NaN fails
+
+
+@dataclass
+class Result:
+    architecture: str
+    dtype: str
+    backend: str
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    def table(self) -> str:
+        width = max(len(r.tensor) for r in self.rows)
+        lines = [f"{self.architecture} ({self.dtype}, backend={self.backend}): {'OK' if self.ok else 'MISMATCH'}",
+                 f"  {'tensor':<{width}}  {'max abs diff':>12}  {'rel diff':>9}  {'tol':>8}"]
+        for r in self.rows:
+            lines.append(f"  {r.tensor:<{width}}  {r.max_abs:12.3e}  {r.rel:9.2e}  {r.tol:8.1e}"
+                         f"{'' if r.ok else '  <-- MISMATCH'}")
+        return "\n".join(lines)
+
+
+def tiny_model(arch: type[Architecture], *, seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any):
+    """A small random `*ForCausalLM` of `arch`, built from its config class (no download)."""
+    config = arch.config_type()(**{**TINY, **arch.tiny_config, **overrides})
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return arch.model_class()(config)
+
+
+def tiny_batch(vocab_size: int, *, batch: int = 3, seq: int = 19, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random ids with left padding on one row and ignored labels at the pads and a few other places."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 5:8] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _run(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    out = {"loss": loss.detach().float()}
+    model.eval()
+    with torch.no_grad():
+        out["logits"] = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    out.update({f"grad {n}": p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    return out
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    diff = (a - ref).abs().max().item()
+    return diff, diff / max(ref.abs().max().item(), 1e-30)
+
+
+def _patched_run(arch: Architecture, model, batch):
+    prior = patcher.state(arch.name)
+    with patcher.lock:
+        patcher.restore(arch.name)
+        try:
+            reference = _run(model, batch)
+            patcher.apply(arch)
+            try:
+                result = _run(model, batch)
+            finally:
+                patcher.restore(arch.name)
+        finally:
+            if prior is not None:
+                patcher.apply(prior.arch)
+    return reference, result
+
+
+def compare(arch: Architecture, model, batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Result:
+    """Run `model` on `batch` unpatched and patched with `arch`, and tabulate the differences."""
+    result = Result(arch.name, str(dtype).replace("torch.", ""), arch.backend)
+    if dtype == torch.float32:
+        reference, patched = _patched_run(arch, model.float(), batch)
+        tolerance = {name: FP32_TOL[name.split()[0]] for name in reference}
+    else:
+        exact, _ = _patched_run(arch, copy.deepcopy(model).float(), batch)
+        reference, patched = _patched_run(arch, model.to(dtype), batch)
+        tolerance = {name: 2 * _err(reference[name], exact[name])[1] + 1e-6 for name in exact}
+        reference = exact
+    for name, ref in reference.items():
+        result.rows.append(Row(name, *_err(patched[name], ref), tolerance[name]))
+    return result
+
+
+def verify_one(arch_cls: type[Architecture], *, backend: str = "auto", dtype: torch.dtype = torch.float32,
+               seed: int = 0, attn_implementation: str = "sdpa", **ops: bool) -> Result:
+    model = tiny_model(arch_cls, seed=seed, attn_implementation=attn_implementation)
+    return compare(arch_cls(backend, ops), model, tiny_batch(model.config.vocab_size), dtype)
+
+
+def verify(target: Any = None, *, backend: str = "auto", dtype: str | torch.dtype = torch.float32,
+           **kwargs: Any) -> list[Result]:
+    """Run `verify_one` for every architecture of `target` (None: all registered)."""
+    from . import _resolve
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return [verify_one(arch, backend=backend, dtype=dtype, **kwargs) for arch in _resolve(target)]

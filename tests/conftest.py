@@ -1,0 +1,45 @@
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+import patchkit
+from patchkit import plugins
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "slow" in item.keywords and not config.getoption("--slow"):
+            item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_patches():
+    torch.manual_seed(0)
+    yield
+    patchkit.unpatch()
+
+
+@pytest.fixture
+def register_plugin():
+    """Register in-process plugins for one test; they are unregistered afterwards."""
+    names = []
+
+    def register(plugin, name=None):
+        names.append(plugins.manager().register(plugin, name=name))
+        return names[-1]
+
+    try:
+        yield register
+    finally:
+        for name in names:
+            plugins.manager().unregister(name)

@@ -1,0 +1,55 @@
+"""The CLI: verify (and that it catches a broken kernel), list, plugins."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from patchkit.cli import main
+
+mlp = importlib.import_module("patchkit.kernels.mlp")
+rms_norm = importlib.import_module("patchkit.kernels.rms_norm")  # the package exports the op under this name
+
+
+def test_verify_passes_and_prints_a_table(capsys):
+    assert main(["verify", "llama"]) == 0
+    out = capsys.readouterr().out
+    assert "grad lm_head.weight" in out and "logits" in out and "all architectures match" in out
+
+
+def test_verify_bf16_passes():
+    assert main(["verify", "--dtype", "bfloat16"]) == 0
+
+
+@pytest.mark.parametrize("breakage", ["backward", "forward"])
+def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys, breakage):
+    if breakage == "backward":  # drop the recomputed activation term of the MLP's gate gradient
+        original = mlp._Gated.backward
+
+        def broken(ctx, dy):
+            dgate, dup, *rest = original(ctx, dy)
+            return (dgate * 1.01, dup, *rest)
+
+        monkeypatch.setattr(mlp._Gated, "backward", staticmethod(broken))
+    else:
+        original = rms_norm._RMSNorm.forward
+        monkeypatch.setattr(rms_norm._RMSNorm, "forward",
+                            staticmethod(lambda ctx, x, w, eps, *a: original(ctx, x, w, eps * 100, *a)))
+    assert main(["verify", "llama"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_list_and_plugins(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "llama: model types llama" in out and "ops rms_norm, rope, mlp, cross_entropy" in out
+    assert "torch: devices any" in out
+    assert main(["plugins"]) == 0
+    assert "patchkit.architectures  patchkit" in capsys.readouterr().out
+
+
+def test_errors_are_one_line():
+    proc = subprocess.run([sys.executable, "-m", "patchkit", "verify", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("patchkit: error: no patchkit architecture for 'nope'")

@@ -1,0 +1,209 @@
+"""Every op, forward and backward, against plain PyTorch written the way transformers writes it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from patchkit import kernels as K
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _leaf(t, noncontiguous=False):
+    if noncontiguous:  # same values, transposed storage
+        t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert not t.is_contiguous()
+    return t.detach().requires_grad_()
+
+
+def _compare(fn, ref, inputs, dtype, grad_seed=3, differentiable=None):
+    """Forward and backward of `fn` against `ref`; gradients of the first `differentiable` inputs."""
+    n = len(inputs) if differentiable is None else differentiable
+    a = [_leaf(x) if i < n else x for i, x in enumerate(inputs)]
+    b = [_leaf(x) if i < n else x for i, x in enumerate(inputs)]
+    out, expected = fn(*a), ref(*b)
+    out, expected = (out if isinstance(out, tuple) else (out,)), (expected if isinstance(expected, tuple) else (expected,))
+    g = torch.Generator().manual_seed(grad_seed)
+    grads = [torch.randn(e.shape, generator=g).to(e.dtype) for e in expected]
+    for o, e in zip(out, expected):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        torch.testing.assert_close(o, e, **TOL[dtype])
+    torch.autograd.backward(out, grads)
+    torch.autograd.backward(expected, grads)
+    for x, y in zip(a[:n], b[:n]):
+        if x.is_floating_point():
+            torch.testing.assert_close(x.grad, y.grad, **TOL[dtype])
+
+
+def llama_rms_norm(x, w, eps=1e-6):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def gemma_rms_norm(x, w, eps=1e-6):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + w.float())).type_as(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 7, 96), (2, 5, 131)])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_rms_norm_llama(dtype, shape, noncontiguous):
+    x = torch.randn(shape).to(dtype)
+    if noncontiguous:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    _compare(lambda x, w: K.rms_norm(x, w, 1e-6), llama_rms_norm, [x, w], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 96), (2, 5, 131)])
+def test_rms_norm_gemma(dtype, shape):
+    x, w = torch.randn(shape).to(dtype), (0.1 * torch.randn(shape[-1])).to(dtype)
+    _compare(lambda x, w: K.rms_norm(x, w, 1e-6, offset=1.0, cast="gemma"), gemma_rms_norm, [x, w], dtype)
+
+
+def test_rms_norm_mixed_weight_dtype():
+    x, w = torch.randn(4, 33).to(torch.bfloat16), torch.randn(33)
+    _compare(lambda x, w: K.rms_norm(x, w, 1e-5), lambda x, w: llama_rms_norm(x, w, 1e-5), [x, w], torch.bfloat16)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference_rope(q, k, cos, sin):
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv,seq,dim", [(4, 2, 7, 16), (3, 1, 13, 10), (1, 1, 1, 2)])
+def test_rope(dtype, heads, kv, seq, dim):
+    q = torch.randn(2, seq, heads, dim).to(dtype).transpose(1, 2)  # non-contiguous, as attention passes it
+    k = torch.randn(2, seq, kv, dim).to(dtype).transpose(1, 2)
+    angle = torch.randn(2, seq, dim // 2).repeat(1, 1, 2)
+    cos, sin = angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
+    _compare(K.apply_rope, reference_rope, [q, k, cos, sin], dtype, differentiable=2)  # cos/sin: no_grad buffers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 88), (1, 1, 1), (2, 7, 1408)])
+@pytest.mark.parametrize("op,act", [(K.swiglu, F.silu), (K.geglu, lambda x: F.gelu(x, approximate="tanh"))])
+def test_gated_mlp(dtype, shape, op, act):
+    gate, up = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    _compare(op, lambda g, u: act(g) * u, [gate, up.transpose(0, 1).contiguous().transpose(0, 1)], dtype)
+
+
+def reference_ce(hidden, weight, labels, ignore_index=-100, softcap=None, num_items_in_batch=None,
+                 reduction="mean", shift_labels=None):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    if reduction == "none":
+        targets = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=ignore_index,
+                               reduction="none").view(targets.shape)
+    if reduction == "sum":
+        return F.cross_entropy(logits.float().flatten(0, -2), F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+                               .reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return ForCausalLMLoss(logits, labels, weight.shape[0], num_items_in_batch=num_items_in_batch,
+                           ignore_index=ignore_index, shift_labels=shift_labels)
+
+
+@pytest.fixture(params=[None, 1000], ids=["one-chunk", "many-chunks"])
+def chunking(request, monkeypatch):
+    if request.param:
+        monkeypatch.setattr(K.cross_entropy, "CHUNK_ELEMENTS", request.param)
+
+
+CE_CASES = {
+    "mean": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "num_items": {"num_items_in_batch": 23},
+    "num_items_tensor": {"num_items_in_batch": torch.tensor(17)},
+    "softcap": {"softcap": 2.5},
+    "ignore_index": {"ignore_index": 7},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_fused_linear_cross_entropy(dtype, case, chunking):
+    kwargs = CE_CASES[case]
+    hidden = torch.randn(3, 11, 40).to(dtype)
+    weight = (0.3 * torch.randn(97, 40)).to(dtype)
+    labels = torch.randint(0, 97, (3, 11))
+    labels[0, :4] = kwargs.get("ignore_index", -100)
+    labels[2, 6] = kwargs.get("ignore_index", -100)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    run = lambda h, w: K.fused_linear_cross_entropy(h, w, labels, **kwargs)  # noqa: E731
+    ref = lambda h, w: reference_ce(h, w, labels, **kwargs)  # noqa: E731
+    h1, w1, h2, w2 = _leaf(hidden), _leaf(weight, True), _leaf(hidden), _leaf(weight, True)
+    out, expected = run(h1, w1), ref(h2, w2)
+    torch.testing.assert_close(out.float(), expected.float(), **tol)
+    g = torch.rand(expected.shape) if expected.dim() else torch.tensor(1.7)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, **tol)
+    torch.testing.assert_close(w1.grad, w2.grad, **tol)
+
+
+def test_cross_entropy_shift_labels_and_frozen_weight():
+    hidden, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(50, 16)
+    shift = torch.randint(0, 50, (2, 9))
+    out = K.fused_linear_cross_entropy(hidden, weight, None, shift_labels=shift)
+    expected = F.cross_entropy((hidden @ weight.t()).flatten(0, 1), shift.reshape(-1))
+    torch.testing.assert_close(out, expected)
+    (g1,) = torch.autograd.grad(out, hidden)
+    (g2,) = torch.autograd.grad(expected, hidden)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_all_ignored(reduction):
+    hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(13, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = K.fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    loss.sum().backward()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_cross_entropy_never_builds_full_logits(monkeypatch):
+    """With a small chunk, no tensor of (tokens x vocab) is ever allocated, in forward or backward."""
+    n, vocab = 64, 50
+    monkeypatch.setattr(K.cross_entropy, "CHUNK_ELEMENTS", 8 * vocab)
+    sizes = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    sizes.append(t.numel())
+            return out
+
+    hidden, weight = torch.randn(1, n, 16, requires_grad=True), torch.randn(vocab, 16, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, n))
+    with Watch():
+        K.fused_linear_cross_entropy(hidden, weight, labels).backward()
+    assert max(sizes) <= max(8 * vocab, weight.numel(), hidden.numel()) < n * vocab
+
+
+def test_unknown_backend_and_bad_arguments():
+    x, w = torch.randn(2, 4), torch.ones(4)
+    with pytest.raises(K.BackendError, match="known backends: auto, torch"):
+        K.rms_norm(x, w, 1e-6, backend="nope")
+    with pytest.raises(ValueError, match="cast must be"):
+        K.rms_norm(x, w, 1e-6, cast="other")
+    with pytest.raises(ValueError, match="reduction"):
+        K.fused_linear_cross_entropy(torch.randn(1, 3, 4), torch.randn(5, 4), torch.zeros(1, 3, dtype=torch.long),
+                                     reduction="max")
