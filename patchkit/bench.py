@@ -8,6 +8,7 @@ that peak the step adds on top of what was resident before it (weights, optimize
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -75,11 +76,11 @@ def train(args) -> dict:
     results = {"unpatched": {"s": [], "peak": [], "added": []}, "patched": {"s": [], "peak": [], "added": []}}
     order = ["unpatched", "patched"]
     for variant in order:  # warm-up: allocator, optimizer state, one step each
-        with patchkit.patched("llama") if variant == "patched" else _nothing():
+        with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
             step()
     for round_ in range(args.rounds):
         for variant in order if round_ % 2 == 0 else order[::-1]:
-            with patchkit.patched("llama") if variant == "patched" else _nothing():
+            with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
                 for _ in range(args.steps):
                     before = _reset_peak()
                     start = time.perf_counter()
@@ -103,14 +104,6 @@ def train(args) -> dict:
     summary["peak_ratio"] = p["peak_rss_gib"] / u["peak_rss_gib"]
     summary["step_added_ratio"] = p["step_added_gib"] / u["step_added_gib"]
     return summary
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def report(summary: dict) -> str:
