@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import patcher
@@ -16,6 +17,11 @@ from .patcher import PatchError
 from .plugins import hookimpl, manager
 
 from . import architectures  # noqa: E402  (callable: `patchkit.architectures()` lists the names)
+
+try:
+    __version__ = version("patchkit")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
 
 __all__ = [
     "Architecture", "BackendError", "Patch", "PatchError", "Provider", "UnknownArchitectureError", "architectures",

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="parity of patched vs unpatched tiny models; exit 1 on a mismatch")
     v.add_argument("arch", nargs="*", help="architecture names or model types (default: all)")
     v.add_argument("--backend", default="auto")
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     v.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="reference attention implementation")
     v.set_defaults(func=_verify)
     sub.add_parser("list", help="architectures, their ops, and kernel backends").set_defaults(func=_list)
