@@ -9,12 +9,15 @@ import types
 
 from patchkit.plugins import hookimpl
 
+from .gemma import Gemma, Gemma2, Gemma3Text
 from .llama import Llama
+from .mistral import Mistral
+from .qwen import Qwen2, Qwen3
 
 
 @hookimpl
 def patchkit_architectures():
-    return [Llama]
+    return [Llama, Mistral, Gemma, Gemma2, Gemma3Text, Qwen2, Qwen3]
 
 
 class _CallableModule(types.ModuleType):
@@ -27,4 +30,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Llama"]
+__all__ = ["Gemma", "Gemma2", "Gemma3Text", "Llama", "Mistral", "Qwen2", "Qwen3"]

@@ -1,6 +1,7 @@
 """`Architecture`: a declarative description of what patchkit replaces in one model family.
 
-A family states its transformers module, its class-name prefix and its model types; each op is
+A family states its name; its transformers module (`transformers.models.<name>.modeling_<name>`),
+class-name prefix (`<Name>`) and model types (`(<name>,)`) follow from it unless set. Each op is
 a method marked `@replaces(op, *paths)` that receives the original object and returns its
 replacement. Paths are attribute paths inside the module, with `{prefix}` filled in, so a
 subclass for another family inherits every op and restates only what differs.
@@ -29,9 +30,9 @@ class Architecture:
     """Base class of architecture plugins. Instances carry the chosen backend."""
 
     name: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]] = ()
-    module: ClassVar[str]
-    prefix: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]] = ()  # default: (name,)
+    module: ClassVar[str]  # default: transformers.models.<name>.modeling_<name>
+    prefix: ClassVar[str]  # default: name.capitalize()
     config_class: ClassVar[str] = ""  # defaults to f"{prefix}Config" in transformers
     overrides: ClassVar[bool] = False  # replace a registered architecture of the same name
     tiny_config: ClassVar[dict[str, Any]] = {}  # overrides for the verifier's tiny model
@@ -40,6 +41,14 @@ class Architecture:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "name" in own:  # transformers' naming: models/<name>/modeling_<name>.py, classes <Name>RMSNorm, ...
+            if "module" not in own:
+                cls.module = f"transformers.models.{cls.name}.modeling_{cls.name}"
+            if "prefix" not in own:
+                cls.prefix = cls.name.capitalize()
+            if "model_types" not in own:
+                cls.model_types = (cls.name,)
         factories = dict(cls._factories)
         for attr, value in vars(cls).items():
             if hasattr(value, _MARK):
@@ -58,6 +67,12 @@ class Architecture:
             if getattr(cls, attr) is not None:
                 seen[op] = None
         return list(seen)
+
+    @classmethod
+    def differences(cls) -> dict[str, Any]:
+        """What this class changes relative to its parent: settings it sets and op factories it overrides."""
+        identity = {"name", "model_types", "module", "prefix", "config_class", "tiny_config", "overrides", "_factories"}
+        return {k: v for k, v in vars(cls).items() if not k.startswith("__") and k not in identity}
 
     @classmethod
     def parent(cls) -> str | None:

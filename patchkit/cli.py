@@ -25,8 +25,12 @@ def _list(args) -> int:
 
     for name, arch in manager().architectures.items():
         parent = arch.parent()
-        print(f"{name}{f' (from {parent})' if parent else ''}: model types {', '.join(arch.model_types)}; "
-              f"module {arch.module}; ops {', '.join(arch.ops())}")
+        line = f"{name}{f' (from {parent})' if parent else ''}: model types {', '.join(arch.model_types)}; " \
+               f"module {arch.module}; ops {', '.join(arch.ops())}"
+        if parent:
+            changes = [f"{k}()" if callable(v) else f"{k}={v!r}" for k, v in arch.differences().items()]
+            line += f"; changes {', '.join(changes) if changes else f'nothing in the ops of {parent}'}"
+        print(line)
     print("backends:")
     for name, info in patchkit.backends().items():
         print(f"  {name}: devices {', '.join(info['devices'])}; ops {', '.join(info['ops'])}")

@@ -75,8 +75,7 @@ def test_missing_attribute_changes_nothing(monkeypatch):
 def test_failing_second_architecture_rolls_back_the_first(register_plugin):
     class Broken(Llama):
         name = "broken"
-        model_types = ("broken",)
-        prefix = "Missing"
+        module, prefix = Llama.module, "Missing"
 
     class Provide:
         @patchkit.hookimpl

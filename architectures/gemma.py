@@ -1,0 +1,42 @@
+"""Gemma, Gemma 2 and Gemma 3 (text): each a list of differences from its parent.
+
+- Gemma: RMSNorm multiplies by `(1 + weight)` in float32 and casts at the end (weights are
+  stored as offsets from 1 and initialised to zeros); its eps attribute is `eps`. The MLP's
+  tanh-GELU picks the `geglu` kernel from the module's `act_fn`, and the `sqrt(hidden)`
+  embedding scale stays in `GemmaTextScaledWordEmbedding`, untouched.
+- Gemma 2: final-logit soft-capping, which the inherited causal-LM forward reads from the
+  config and applies inside the fused cross-entropy; attention soft-capping and the alternating
+  sliding-window layers stay in transformers' attention.
+- Gemma 3 (text): Gemma 2 plus q/k norms, which are `Gemma3RMSNorm` modules and so go through
+  the patched norm; one rotary module with per-layer-type buffers, whose outputs feed the same
+  `apply_rotary_pos_emb`.
+"""
+
+from typing import ClassVar
+
+from .llama import Llama
+
+
+class Gemma(Llama):
+    name = "gemma"
+    tiny_config: ClassVar[dict] = {}
+    norm_offset = 1.0  # main diff with Llama: (1 + weight)
+    norm_cast = "gemma"  # float32 multiply, cast at the end
+    norm_eps = "eps"
+
+
+class Gemma2(Gemma):
+    name = "gemma2"
+    # a window shorter than the verifier's sequences; a cap small enough to bend the logits
+    tiny_config: ClassVar[dict] = {"sliding_window": 8, "final_logit_softcapping": 0.5,
+                                   "attn_logit_softcapping": 5.0}
+
+
+class Gemma3Text(Gemma2):
+    name = "gemma3_text"
+    model_types = ("gemma3_text", "gemma3")  # the multimodal model's text tower is the same module
+    module = "transformers.models.gemma3.modeling_gemma3"
+    prefix = "Gemma3"
+    config_class = "Gemma3TextConfig"
+    tiny_config: ClassVar[dict] = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+                                   "final_logit_softcapping": 0.5}

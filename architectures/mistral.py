@@ -1,0 +1,15 @@
+"""Mistral: Llama with sliding-window attention.
+
+The window lives in the attention mask and the attention call, which patchkit leaves alone, so
+every fused op applies unchanged. The verifier's tiny model uses a window shorter than its
+sequences, so parity covers tokens beyond the window.
+"""
+
+from typing import ClassVar
+
+from .llama import Llama
+
+
+class Mistral(Llama):
+    name = "mistral"
+    tiny_config: ClassVar[dict] = {"sliding_window": 8}
