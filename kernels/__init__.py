@@ -4,11 +4,13 @@ The bundled `torch` provider is the reference and the CPU path. Providers are co
 through the `patchkit_kernel_providers` hook.
 """
 
+from . import _triton, liger
 from ._dispatch import OPS, BackendError, Provider, clear_cache, dispatch, resolve
-from .cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_torch
-from .mlp import geglu, geglu_torch, swiglu, swiglu_torch
-from .rms_norm import rms_norm, rms_norm_torch
-from .rope import apply_rope, apply_rope_torch
+from .cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entropy_torch,
+                            fused_linear_cross_entropy_triton)
+from .mlp import geglu, geglu_torch, geglu_triton, swiglu, swiglu_torch, swiglu_triton
+from .rms_norm import rms_norm, rms_norm_torch, rms_norm_triton
+from .rope import apply_rope, apply_rope_torch, apply_rope_triton
 
 TORCH = Provider(
     name="torch",
@@ -25,7 +27,39 @@ TORCH = Provider(
     description="PyTorch with lean custom autograd; the reference and the CPU path",
 )
 
+TRITON = Provider(
+    name="triton",
+    ops={
+        "rms_norm": rms_norm_triton,
+        "apply_rope": apply_rope_triton,
+        "swiglu": swiglu_triton,
+        "geglu": geglu_triton,
+        "fused_linear_cross_entropy": fused_linear_cross_entropy_triton,
+    },
+    devices=("cuda",),
+    auto_devices=("cuda",),
+    priority=10,
+    check=_triton.unavailable,
+    description="patchkit's Triton kernels; CPU tensors under TRITON_INTERPRET=1",
+)
+
+LIGER = Provider(
+    name="liger",
+    ops={
+        "rms_norm": liger.rms_norm_liger,
+        "apply_rope": liger.apply_rope_liger,
+        "swiglu": liger.swiglu_liger,
+        "geglu": liger.geglu_liger,
+        "fused_linear_cross_entropy": liger.fused_linear_cross_entropy_liger,
+    },
+    devices=("cuda",),
+    auto_devices=("cuda",),
+    priority=20,
+    check=liger.unavailable,
+    description="liger-kernel's ops (CUDA only)",
+)
+
 __all__ = [
-    "OPS", "BackendError", "Provider", "TORCH", "apply_rope", "clear_cache", "dispatch", "fused_linear_cross_entropy",
+    "LIGER", "OPS", "BackendError", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache", "dispatch", "fused_linear_cross_entropy",
     "geglu", "resolve", "rms_norm", "swiglu",
 ]

@@ -21,7 +21,8 @@ class Provider:
 
     `devices` are the device types it can run on (None: any). `auto_devices` are those where
     `backend="auto"` may pick it; among those, the highest `priority` that has the op wins.
-    `overrides=True` lets a plugin replace a provider of the same name.
+    `overrides=True` lets a plugin replace a provider of the same name; `check(device_type)`, when
+    given, says why the provider cannot run there (or None), for conditions beyond the device.
     """
 
     name: str
@@ -31,9 +32,12 @@ class Provider:
     priority: int = 0
     description: str = ""
     overrides: bool = False
+    check: Callable[[str], str | None] | None = None  # replaces the `devices` test when given
 
     def unavailable(self, device_type: str) -> str | None:
         """Why this provider cannot run on `device_type`, or None when it can."""
+        if self.check is not None:
+            return self.check(device_type)
         if self.devices is None or device_type in self.devices:
             return None
         return f"backend {self.name!r} runs on {', '.join(self.devices)}, not on {device_type!r}"
@@ -50,7 +54,8 @@ def resolve(op: str, backend: str, device_type: str) -> Callable:
     """The implementation of `op` that `backend` gives for `device_type` (cached; see `clear_cache`)."""
     providers = _providers()
     if backend == "auto":
-        candidates = [p for p in providers.values() if op in p.ops and device_type in p.auto_devices]
+        candidates = [p for p in providers.values()
+                      if op in p.ops and device_type in p.auto_devices and p.unavailable(device_type) is None]
         if not candidates:
             candidates = [providers["torch"]]
         return max(candidates, key=lambda p: p.priority).ops[op]

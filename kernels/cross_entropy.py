@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch
+from ._triton import block, cast, jit, tl
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in float32; large enough for full-speed matmuls
@@ -48,13 +49,14 @@ def _buffer(h, weight):
                        device=weight.device)
 
 
-def _probs(hc, weight, targets, softcap, buffer):
-    """Softmax of one chunk's logits (float32, in place where safe), per-row lse, target logit, argmax.
-
-    Returns (p, lse, target_logit, top, dcap) where dcap is d(capped)/d(raw) when soft-capping.
-    """
+def _logits(hc, weight, buffer):
+    """One chunk's logits in float32, computed into `buffer`."""
     logits = torch.mm(hc.to(weight.dtype), weight.t(), out=buffer[: hc.shape[0]])
-    logits = logits.float() if logits.dtype != torch.float32 else logits
+    return logits.float() if logits.dtype != torch.float32 else logits
+
+
+def _softmax(logits, targets, softcap):
+    """Softmax of float32 logits (in place where safe), per-row lse, target logit, argmax, d(capped)/d(raw)."""
     dcap = None
     if softcap:
         tanh = logits.div_(softcap).tanh_()
@@ -63,18 +65,21 @@ def _probs(hc, weight, targets, softcap, buffer):
     top_logit, top = logits.max(-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     p = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if logits.is_cpu else logits.softmax(-1)
-    lse = top_logit - p.gather(1, top[:, None]).squeeze(1).log()
+    lse = top_logit - p.gather(1, top[:, None]).squeeze(1).log()  # p[argmax] >= 1/vocab: never underflows
     return p, lse, target_logit, top, dcap
 
 
-def _grad_logits(p, targets, dcap, row_scale=None):
-    """d loss / d raw logits, in place in `p`: softmax - onehot, per-row scaled, through the cap."""
+def _rows_torch(logits, targets, softcap, grad, row_scale=None):
+    """Per-row loss and lse of one chunk; with `grad`, also d loss / d raw logits (times `row_scale`)."""
+    p, lse, target_logit, _, dcap = _softmax(logits, targets, softcap)
+    if not grad:
+        return lse - target_logit, lse, None
     p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))
     if row_scale is not None:
         p.mul_(row_scale[:, None])
     if dcap is not None:
         p.mul_(dcap)
-    return p
+    return lse - target_logit, lse, p
 
 
 def _accumulate(g, hc, weight, grad_h, grad_w, rows, alpha):
@@ -94,21 +99,25 @@ def _grad_buffers(ctx, h, weight):
     return grad_h, grad_w
 
 
+def _chunks(h, weight):
+    step = _chunk_rows(h.shape[0], weight.shape[0])
+    return [slice(start, start + step) for start in range(0, h.shape[0], step)], _buffer(h, weight)
+
+
 class _SummedCE(torch.autograd.Function):
     """`scale * sum(per-token loss)` over tokens that all count; grads computed in forward."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap, scale):
+    def forward(ctx, h, weight, targets, softcap, scale, rows_fn):
         grad_h, grad_w = _grad_buffers(ctx, h, weight)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        step, buffer = _chunk_rows(h.shape[0], weight.shape[0]), _buffer(h, weight)
-        for start in range(0, h.shape[0], step):
-            rows = slice(start, start + step)
+        chunks, buffer = _chunks(h, weight)
+        for rows in chunks:
             hc, tc = h[rows], targets[rows]
-            p, lse, target_logit, _, dcap = _probs(hc, weight, tc, softcap, buffer)
-            total += (lse - target_logit).sum()
-            if grad_h is not None or grad_w is not None:
-                _accumulate(_grad_logits(p, tc, dcap), hc, weight, grad_h, grad_w, rows, scale)
+            loss, _, g = rows_fn(_logits(hc, weight, buffer), tc, softcap, grad_h is not None or grad_w is not None)
+            total += loss.sum()
+            if g is not None:
+                _accumulate(g, hc, weight, grad_h, grad_w, rows, scale)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total * scale
 
@@ -118,32 +127,34 @@ class _SummedCE(torch.autograd.Function):
         if not torch.equal(grad_out, torch.ones_like(grad_out)):
             grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
             grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 class _PerTokenCE(torch.autograd.Function):
     """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, softcap, with_stats):
+    def forward(ctx, h, weight, targets, ignore_index, softcap, with_stats, rows_fn):
         keep = targets != ignore_index
         safe = targets.masked_fill(~keep, 0)
         loss = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         lses = torch.empty_like(loss)
         entropy = torch.zeros_like(loss) if with_stats else None
         top1 = torch.zeros_like(keep) if with_stats else None
-        step, buffer = _chunk_rows(h.shape[0], weight.shape[0]), _buffer(h, weight)
+        chunks, buffer = _chunks(h, weight)
         with torch.no_grad():
-            for start in range(0, h.shape[0], step):
-                rows = slice(start, start + step)
-                p, lse, target_logit, top, _ = _probs(h[rows], weight, safe[rows], softcap, buffer)
-                lses[rows], loss[rows] = lse, lse - target_logit
+            for rows in chunks:
+                logits = _logits(h[rows], weight, buffer)
                 if with_stats:
+                    p, lse, target_logit, top, _ = _softmax(logits, safe[rows], softcap)
+                    loss[rows], lses[rows] = lse - target_logit, lse
                     entropy[rows] = torch.special.entr(p).sum(-1)
                     top1[rows] = top == safe[rows]
+                else:
+                    loss[rows], lses[rows], _ = rows_fn(logits, safe[rows], softcap, False)
         loss.masked_fill_(~keep, 0)
         ctx.save_for_backward(h, weight, safe, keep)
-        ctx.softcap = softcap
+        ctx.softcap, ctx.rows_fn = softcap, rows_fn
         if with_stats:
             ctx.mark_non_differentiable(entropy, top1)
             return loss, entropy.masked_fill_(~keep, 0), top1 & keep
@@ -154,13 +165,11 @@ class _PerTokenCE(torch.autograd.Function):
         h, weight, safe, keep = ctx.saved_tensors
         grad_h, grad_w = _grad_buffers(ctx, h, weight)
         row_grad = grad_loss.float() * keep
-        step, buffer = _chunk_rows(h.shape[0], weight.shape[0]), _buffer(h, weight)
-        for start in range(0, h.shape[0], step):
-            rows = slice(start, start + step)
-            p, _, _, _, dcap = _probs(h[rows], weight, safe[rows], ctx.softcap, buffer)
-            _accumulate(_grad_logits(p, safe[rows], dcap, row_grad[rows]), h[rows], weight, grad_h, grad_w,
-                        rows, 1.0)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+        chunks, buffer = _chunks(h, weight)
+        for rows in chunks:
+            _, _, g = ctx.rows_fn(_logits(h[rows], weight, buffer), safe[rows], ctx.softcap, True, row_grad[rows])
+            _accumulate(g, h[rows], weight, grad_h, grad_w, rows, 1.0)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def _flatten(hidden, labels, shift_labels, ignore_index):
@@ -171,13 +180,14 @@ def _flatten(hidden, labels, shift_labels, ignore_index):
     return h, targets.reshape(-1).to(h.device), targets.shape
 
 
-def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-100, softcap=None,
-                                     num_items_in_batch=None, reduction="mean", shift_labels=None):
+def _fused(rows_fn, hidden, weight, labels, *, ignore_index=-100, softcap=None, num_items_in_batch=None,
+           reduction="mean", shift_labels=None):
+    """The op, with the per-chunk softmax/gradient step `rows_fn` of one backend."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     h, targets, shape = _flatten(hidden, labels, shift_labels, ignore_index)
     if reduction == "none" and num_items_in_batch is None:
-        return _PerTokenCE.apply(h, weight, targets, ignore_index, softcap, False).view(shape)
+        return _PerTokenCE.apply(h, weight, targets, ignore_index, softcap, False, rows_fn).view(shape)
     keep = targets != ignore_index
     if not bool(keep.all()):
         index = keep.nonzero().squeeze(1)
@@ -188,7 +198,13 @@ def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-10
         scale = 1.0 / max(targets.numel(), 1)
     else:
         scale = 1.0
-    return _SummedCE.apply(h, weight, targets, softcap, scale)
+    return _SummedCE.apply(h, weight, targets, softcap, scale, rows_fn)
+
+
+def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-100, softcap=None,
+                                     num_items_in_batch=None, reduction="mean", shift_labels=None):
+    return _fused(_rows_torch, hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+                  num_items_in_batch=num_items_in_batch, reduction=reduction, shift_labels=shift_labels)
 
 
 def linear_cross_entropy_stats(hidden, weight, targets, *, ignore_index=-100, softcap=None):
@@ -197,5 +213,62 @@ def linear_cross_entropy_stats(hidden, weight, targets, *, ignore_index=-100, so
     `targets` are already aligned with `hidden` (shifted). Serves TRL's `fused_lm_head=True` call.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
-    loss, entropy, top1 = _PerTokenCE.apply(h, weight, targets.reshape(-1), ignore_index, softcap, True)
+    loss, entropy, top1 = _PerTokenCE.apply(h, weight, targets.reshape(-1), ignore_index, softcap, True, _rows_torch)
     return loss.view(targets.shape), entropy.view(targets.shape), top1.view(targets.shape)
+
+
+# --- triton ---------------------------------------------------------------------------------
+
+@jit
+def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.constexpr, GRAD: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of a chunk: online log-sum-exp over the vocabulary, then (softmax - onehot) in place."""
+    row = tl.program_id(0).to(tl.int64)
+    base = L + row * stride
+    target = tl.load(T + row)
+    m = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        x = tl.where(cols < n_cols, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    x_t = tl.load(base + target).to(tl.float32)
+    if HAS_CAP:
+        x_t = softcap * (2.0 * tl.sigmoid(2.0 * x_t / softcap) - 1.0)
+    tl.store(LOSS + row, lse - x_t)
+    tl.store(LSE + row, lse)
+    if GRAD:
+        scale = tl.load(SCALE + row) if HAS_SCALE else 1.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+                g = (tl.exp(softcap * t - lse) - (cols == target)) * (1.0 - t * t)
+            else:
+                g = tl.exp(x - lse) - (cols == target)
+            tl.store(base + cols, cast(g * scale, L.dtype.element_ty), mask=mask)
+
+
+def _rows_triton(logits, targets, softcap, grad, row_scale=None):
+    """`_rows_torch` as one Triton program per row; the gradient overwrites `logits`."""
+    n, vocab = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    _rows_kernel[(n,)](logits, logits.stride(0), targets, loss, lse, loss if row_scale is None else row_scale,
+                       vocab, float(softcap or 1.0), HAS_CAP=bool(softcap), GRAD=grad,
+                       HAS_SCALE=row_scale is not None, BLOCK=min(block(vocab), 4096))
+    return loss, lse, logits if grad else None
+
+
+def fused_linear_cross_entropy_triton(hidden, weight, labels, *, ignore_index=-100, softcap=None,
+                                      num_items_in_batch=None, reduction="mean", shift_labels=None):
+    return _fused(_rows_triton, hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+                  num_items_in_batch=num_items_in_batch, reduction=reduction, shift_labels=shift_labels)

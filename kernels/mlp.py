@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch
+from ._triton import cast, jit, rounded, tl, triton
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -48,3 +49,73 @@ def swiglu_torch(gate, up):
 
 def geglu_torch(gate, up):
     return _Gated.apply(gate, up, _gelu_tanh, _gelu_tanh_backward)
+
+
+# --- triton ---------------------------------------------------------------------------------
+
+SILU, GELU_TANH = 0, 1
+_BLOCK = 1024
+
+
+@jit
+def _act(g, ACT: tl.constexpr):
+    """(activation, its derivative) of float32 `g`."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 3.0 * 0.044715 * g * g)
+
+
+@jit
+def _gated_fwd(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act(g, ACT)
+    a = rounded(a, Y.dtype.element_ty)  # the activation is a tensor of its own in the reference
+    tl.store(Y + i, cast(a * u, Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _gated_bwd(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    dy = tl.load(DY + i, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act(g, ACT)
+    dyu = rounded(dy * u, DG.dtype.element_ty)
+    tl.store(DG + i, cast(dyu * da, DG.dtype.element_ty), mask=mask)
+    tl.store(DU + i, cast(dy * rounded(a, DU.dtype.element_ty), DU.dtype.element_ty), mask=mask)
+
+
+class _GatedTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        _gated_fwd[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, y, gate.numel(), ACT=act, BLOCK=_BLOCK)
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        _gated_bwd[(triton.cdiv(gate.numel(), _BLOCK),)](dy.contiguous(), gate, up, dg, du, gate.numel(),
+                                                          ACT=ctx.act, BLOCK=_BLOCK)
+        return dg, du, None
+
+
+def swiglu_triton(gate, up):
+    return _GatedTriton.apply(gate, up, SILU)
+
+
+def geglu_triton(gate, up):
+    return _GatedTriton.apply(gate, up, GELU_TANH)

@@ -2,9 +2,9 @@
 
 from patchkit.plugins import hookimpl
 
-from . import TORCH
+from . import LIGER, TORCH, TRITON
 
 
 @hookimpl
 def patchkit_kernel_providers():
-    return [TORCH]
+    return [TORCH, TRITON, LIGER]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import dispatch
+from ._triton import block, cast, jit, rounded, rows2d, tl
 
 CASTS = ("llama", "gemma")
 
@@ -62,3 +63,88 @@ def rms_norm_torch(x, weight, eps, *, offset=0.0, cast="llama"):
     if cast not in CASTS:
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
     return _RMSNorm.apply(x, weight, eps, offset, cast)
+
+
+# --- triton ---------------------------------------------------------------------------------
+
+@jit
+def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, offset, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    normed = x * rstd
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    if GEMMA:
+        y = normed * (w.to(tl.float32) + offset)
+    else:  # Llama: cast the normalised input first; (w + offset) in the weight's dtype
+        scale = rounded(w.to(tl.float32) + offset, W.dtype.element_ty)
+        y = scale * rounded(normed, X.dtype.element_ty)
+    tl.store(Y + row * stride_y + cols, cast(y, Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@jit
+def _bwd_kernel(DY, X, W, RSTD, DX, DW, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset, rows_per_program,
+                GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = w + offset
+    if not GEMMA:
+        scale = rounded(scale, W.dtype.element_ty)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    start = pid * rows_per_program
+    for row in range(start, tl.minimum(start + rows_per_program, n_rows)):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        normed = x * rstd
+        if GEMMA:
+            dw += dy * normed
+            dn = dy * scale
+        else:
+            dw += rounded(dy * rounded(normed, X.dtype.element_ty), DY.dtype.element_ty)
+            dn = rounded(dy * scale, DY.dtype.element_ty)
+        dot = tl.sum(dn * normed, axis=0) / n_cols
+        tl.store(DX + row * stride_dx + cols, cast((dn - normed * dot) * rstd, DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid * n_cols + cols, dw, mask=mask)
+
+
+def _out_dtype(x, weight, cast):
+    return x.dtype if cast == "gemma" else torch.promote_types(x.dtype, weight.dtype)
+
+
+class _RMSNormTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, cast):
+        x2 = rows2d(x)
+        n_rows, n_cols = x2.shape
+        y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, cast), device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        _fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
+                               GEMMA=cast == "gemma", BLOCK=block(n_cols))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.offset, ctx.cast, ctx.shape = offset, cast, x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dy2 = rows2d(dy)
+        n_rows, n_cols = x2.shape
+        programs = min(n_rows, 128)
+        per_program = -(-n_rows // programs)
+        dx = torch.empty_like(x2)
+        dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+        _bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows,
+                                 n_cols, ctx.offset, per_program, GEMMA=ctx.cast == "gemma", BLOCK=block(n_cols))
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None, None, None
+
+
+def rms_norm_triton(x, weight, eps, *, offset=0.0, cast="llama"):
+    if cast not in CASTS:
+        raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
+    return _RMSNormTriton.apply(x, weight, eps, offset, cast)

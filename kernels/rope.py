@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import dispatch
+from ._triton import block, cast, jit, tl
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -43,3 +44,68 @@ def apply_rope_torch(q, k, cos, sin):
     if q.shape[-1] % 2:
         raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
     return _Rope.apply(q, k, cos.to(q.dtype), sin.to(q.dtype))
+
+
+# --- triton ---------------------------------------------------------------------------------
+
+@jit
+def _rope_kernel(X, C, S, Y, heads, seq, sxb, sxh, sxl, scb, sch, scl, ssb, ssh, ssl, half,
+                 BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """One (batch, head, position) row: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (transposed when BACKWARD)."""
+    row = tl.program_id(0)
+    b, h, pos = row // (heads * seq), (row // seq) % heads, row % seq
+    cols = tl.arange(0, BLOCK)
+    mask = cols < half
+    x = X + b * sxb + h * sxh + pos * sxl
+    c = C + b * scb + h * sch + pos * scl
+    s = S + b * ssb + h * ssh + pos * ssl
+    x1 = tl.load(x + cols, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + half + cols, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(c + cols, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c + half + cols, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s + cols, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s + half + cols, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+    else:
+        y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+    y = Y + row * 2 * half
+    tl.store(y + cols, cast(y1, Y.dtype.element_ty), mask=mask)
+    tl.store(y + half + cols, cast(y2, Y.dtype.element_ty), mask=mask)
+
+
+def _as4d(t):
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() <= 4 else t.flatten(0, t.dim() - 4)
+
+
+def _rope_triton_one(x, cos, sin, backward):
+    x4 = _as4d(x)
+    if x4.stride(-1) != 1:
+        x4 = x4.contiguous()
+    c4, s4 = (_as4d(t).expand(x4.shape) for t in (cos, sin))
+    c4, s4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (c4, s4))
+    batch, heads, seq, dim = x4.shape
+    y = torch.empty(x4.shape, dtype=x.dtype, device=x.device)
+    _rope_kernel[(batch * heads * seq,)](x4, c4, s4, y, heads, seq, *x4.stride()[:3], *c4.stride()[:3],
+                                         *s4.stride()[:3], dim // 2, BACKWARD=backward, BLOCK=block(dim // 2))
+    return y.view(x.shape)
+
+
+class _RopeTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_triton_one(q, cos, sin, False), _rope_triton_one(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq = _rope_triton_one(dq, cos, sin, True) if ctx.needs_input_grad[0] and dq is not None else None
+        dk = _rope_triton_one(dk, cos, sin, True) if ctx.needs_input_grad[1] and dk is not None else None
+        return dq, dk, None, None
+
+
+def apply_rope_triton(q, k, cos, sin):
+    if q.shape[-1] % 2:
+        raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
+    return _RopeTriton.apply(q, k, cos, sin)

@@ -1,0 +1,170 @@
+"""The `triton` and `liger` providers: interpreter-checked on CPU, compared on a GPU where there is one."""
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import patchkit
+from patchkit import kernels
+from patchkit.architectures import Llama
+from patchkit.parity import compare, tiny_batch, tiny_model
+from patchkit.plugins import BUILTINS, manager
+
+from . import test_kernels
+
+ARCHS = [a for a in manager().architectures.values() if a.__module__.startswith(BUILTINS[0])]
+
+
+def test_tests_run_the_interpreter():
+    assert kernels._triton.INTERPRETED, "conftest must set TRITON_INTERPRET=1 before patchkit is imported"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
+def test_model_runs_end_to_end_on_triton_and_matches(arch):
+    model = tiny_model(arch)
+    result = compare(arch("triton"), model, tiny_batch(model.config.vocab_size))
+    assert result.ok and result.backend == "triton", result.table()
+
+
+def test_bf16_model_on_triton_matches():
+    model = tiny_model(Llama)
+    result = compare(Llama("triton"), model, tiny_batch(model.config.vocab_size), torch.bfloat16)
+    assert result.ok, result.table()
+
+
+def test_without_the_interpreter_triton_on_cpu_is_a_clear_error():
+    code = textwrap.dedent("""
+        import torch, patchkit
+        from patchkit.architectures import Llama
+        from patchkit.parity import tiny_model
+        model = tiny_model(Llama)
+        try:
+            patchkit.patch(model, backend="triton")
+        except patchkit.BackendError as err:
+            print("patch:", err)
+        patchkit.patch("llama", backend="triton")  # by name: checked when the first op runs
+        try:
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        except patchkit.BackendError as err:
+            print("call:", err)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert "backend 'triton' runs on cuda" in line and "not on 'cpu'" in line and "TRITON_INTERPRET=1" in line
+
+
+def test_liger_is_not_offered_on_cpu():
+    with pytest.raises(patchkit.BackendError, match="backend 'liger' (needs liger-kernel|runs on cuda only).*'cpu'|"
+                                                   "backend 'liger' needs liger-kernel"):
+        patchkit.patch(tiny_model(Llama), backend="liger")
+    for op in kernels.OPS:  # auto on CPU is the torch provider, even with triton interpreted
+        assert kernels.resolve(op, "auto", "cpu") is kernels.TORCH.ops[op]
+
+
+def test_auto_on_cuda_prefers_liger_then_triton(monkeypatch):
+    """The rule itself, with both providers declared runnable (there is no GPU here)."""
+    from dataclasses import replace
+
+    from patchkit.plugins import manager
+
+    providers = dict(manager().providers)
+    ok = lambda device: None  # noqa: E731
+    providers["liger"] = replace(providers["liger"], check=ok, ops={"rms_norm": providers["liger"].ops["rms_norm"]})
+    providers["triton"] = replace(providers["triton"], check=ok)
+    monkeypatch.setattr(manager(), "providers", providers)
+    kernels.clear_cache()
+    try:
+        assert kernels.resolve("rms_norm", "auto", "cuda") is providers["liger"].ops["rms_norm"]
+        assert kernels.resolve("swiglu", "auto", "cuda") is kernels.TRITON.ops["swiglu"]
+        assert kernels.resolve("swiglu", "auto", "cpu") is kernels.TORCH.ops["swiglu"]
+    finally:
+        kernels.clear_cache()
+
+
+# Breaking a kernel must fail the kernel tests: each mutation drops one term of a backward pass.
+MUTATIONS = {
+    "rms_norm backward drops the mean term": (
+        "rms_norm", "_bwd_kernel", "(dn - normed * dot) * rstd", "dn * rstd",
+        lambda K: test_kernels.test_rms_norm_llama(K, torch.float32, (3, 7, 96), False)),
+    "swiglu backward drops the activation's derivative": (
+        "mlp", "_gated_bwd", "cast(dyu * da, DG.dtype.element_ty)", "cast(dyu, DG.dtype.element_ty)",
+        lambda K: test_kernels.test_gated_mlp(K, torch.float32, (3, 5, 88), "swiglu", torch.nn.functional.silu)),
+    "rope backward uses the forward rotation": (
+        "rope", "_rope_kernel", "x1 * c1 + x2 * s2, x2 * c2 - x1 * s1", "x1 * c1 - x2 * s1, x2 * c2 + x1 * s2",
+        lambda K: test_kernels.test_rope(K, torch.float32, 4, 2, 7, 16)),
+    "cross-entropy gradient drops the one-hot term": (
+        "cross_entropy", "_rows_kernel", "g = tl.exp(x - lse) - (cols == target)", "g = tl.exp(x - lse)",
+        lambda K: test_kernels.test_fused_linear_cross_entropy(K, torch.float32, "mean", None)),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_a_broken_kernel_fails_its_test(mutation, tmp_path, monkeypatch):
+    import inspect
+
+    module_name, kernel, old, new, run_test = MUTATIONS[mutation]
+    module = importlib.import_module(f"patchkit.kernels.{module_name}")
+    source = textwrap.dedent(inspect.getsource(getattr(module, kernel).fn))
+    assert old in source, f"mutation no longer applies to {kernel}"
+    path = tmp_path / f"broken_{module_name}.py"
+    header = [f"from patchkit.kernels.{module_name} import *", "from patchkit.kernels._triton import jit, tl",
+              "from patchkit.kernels.mlp import _act"]
+    path.write_text("\n".join(header) + "\n\n" + source.replace(old, new))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    broken = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(broken)
+    monkeypatch.setattr(module, kernel, getattr(broken, kernel))
+    bound = _bound_ops("triton")
+    with pytest.raises(AssertionError):
+        run_test(bound)
+    monkeypatch.undo()
+    run_test(bound)  # and the intact kernel passes the same test
+
+
+def _bound_ops(backend):
+    import functools
+    from types import SimpleNamespace
+
+    ops = {name: functools.partial(getattr(kernels, name), backend=backend) for name in kernels.OPS}
+    return SimpleNamespace(**ops, cross_entropy=kernels.cross_entropy, BackendError=kernels.BackendError)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "liger"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_providers_match_torch(backend, dtype):
+    """On a GPU: every op of `backend` against the torch provider, forward and backward."""
+    device = "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(4, 77, 1000, device=device, generator=g).to(dtype)
+    w = torch.randn(1000, device=device, generator=g).to(dtype)
+    q = torch.randn(2, 8, 77, 64, device=device, generator=g).to(dtype)
+    k = torch.randn(2, 2, 77, 64, device=device, generator=g).to(dtype)
+    angle = torch.randn(2, 77, 32, device=device, generator=g).repeat(1, 1, 2)
+    cos, sin = angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
+    gate, up = torch.randn(2, 77, 2816, device=device, generator=g).to(dtype), torch.randn_like(gate)
+    hidden = torch.randn(2, 77, 256, device=device, generator=g).to(dtype)
+    weight = torch.randn(32000, 256, device=device, generator=g).to(dtype) * 0.05
+    labels = torch.randint(0, 32000, (2, 77), device=device, generator=g)
+    cases = [("rms_norm", (x, w, 1e-6)), ("apply_rope", (q, k, cos, sin)), ("swiglu", (gate, up)),
+             ("geglu", (gate, up)), ("fused_linear_cross_entropy", (hidden, weight, labels))]
+    for op, args in cases:
+        results = []
+        for b in ("torch", backend):
+            leaves = [a.detach().requires_grad_() if a.is_floating_point() and a is not cos and a is not sin else a
+                      for a in args]
+            out = getattr(kernels, op)(*leaves, backend=b)
+            outs = out if isinstance(out, tuple) else (out,)
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            results.append([o.float() for o in outs] + [a.grad.float() for a in leaves if getattr(a, "grad", None) is not None])
+        for got, expected in zip(results[1], results[0]):
+            test_kernels._close(got, expected, dtype)
