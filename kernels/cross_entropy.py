@@ -50,13 +50,13 @@ def _buffer(h, weight):
 
 
 def _logits(hc, weight, buffer):
-    """One chunk's logits in float32, computed into `buffer`."""
-    logits = torch.mm(hc.to(weight.dtype), weight.t(), out=buffer[: hc.shape[0]])
-    return logits.float() if logits.dtype != torch.float32 else logits
+    """One chunk's logits, in the weight's dtype, computed into `buffer`."""
+    return torch.mm(hc.to(weight.dtype), weight.t(), out=buffer[: hc.shape[0]])
 
 
 def _softmax(logits, targets, softcap):
-    """Softmax of float32 logits (in place where safe), per-row lse, target logit, argmax, d(capped)/d(raw)."""
+    """Softmax in float32 (in place where safe), per-row lse, target logit, argmax, d(capped)/d(raw)."""
+    logits = logits.float() if logits.dtype != torch.float32 else logits
     dcap = None
     if softcap:
         tanh = logits.div_(softcap).tanh_()
@@ -258,7 +258,8 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
 
 
 def _rows_triton(logits, targets, softcap, grad, row_scale=None):
-    """`_rows_torch` as one Triton program per row; the gradient overwrites `logits`."""
+    """`_rows_torch` as one Triton program per row, in float32 registers; the gradient overwrites `logits`
+    in their own dtype (no float32 copy of a half-precision chunk)."""
     n, vocab = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)

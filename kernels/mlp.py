@@ -24,31 +24,37 @@ def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def _gelu_tanh_backward(grad, x):
-    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+def _silu_backward_(grad, x):
+    return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=grad)
+
+
+def _gelu_tanh_backward_(grad, x):
+    return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=grad)
 
 
 class _Gated(torch.autograd.Function):
+    """Elementwise work in place wherever the reference would allocate a second tensor."""
+
     @staticmethod
-    def forward(ctx, gate, up, act, act_backward):
+    def forward(ctx, gate, up, act, act_backward_):
         ctx.save_for_backward(gate, up)
-        ctx.act, ctx.act_backward = act, act_backward
-        return act(gate) * up
+        ctx.act, ctx.act_backward_ = act, act_backward_
+        return act(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dgate = ctx.act_backward(dy * up, gate) if ctx.needs_input_grad[0] else None
-        dup = dy * ctx.act(gate) if ctx.needs_input_grad[1] else None
+        dgate = ctx.act_backward_(dy * up, gate) if ctx.needs_input_grad[0] else None
+        dup = ctx.act(gate).mul_(dy) if ctx.needs_input_grad[1] else None
         return dgate, dup, None, None
 
 
 def swiglu_torch(gate, up):
-    return _Gated.apply(gate, up, F.silu, torch.ops.aten.silu_backward)
+    return _Gated.apply(gate, up, F.silu, _silu_backward_)
 
 
 def geglu_torch(gate, up):
-    return _Gated.apply(gate, up, _gelu_tanh, _gelu_tanh_backward)
+    return _Gated.apply(gate, up, _gelu_tanh, _gelu_tanh_backward_)
 
 
 # --- triton ---------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Benchmarks: patched and unpatched runs alternated in one process, so machine drift cancels.
 
+`patchkit bench kernels` is in `bench_kernels.py`.
+
 `patchkit bench train`: one full fine-tuning step (forward, backward, AdamW) of a Llama-shaped
 model. Reports tokens/s and peak resident memory of the process: over the whole step, over
 forward+backward (what patchkit changes; AdamW's own temporaries come after), and how much
@@ -129,16 +131,24 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchkit bench")
-    parser.add_argument("scenario", choices=["train"])
+    parser.add_argument("scenario", choices=["train", "kernels"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=TRAIN["vocab_size"])
     parser.add_argument("--rounds", type=int, default=4, help="alternations of unpatched and patched")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--device", help="kernels: cuda or cpu (default: cuda if there is one)")
+    parser.add_argument("--dtype", help="kernels: float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--json", help="also write the summary as JSON to this path")
     args = parser.parse_args(argv)
-    summary = train(args)
-    print(report(summary))
+    if args.scenario == "kernels":
+        from patchkit import bench_kernels
+
+        summary = bench_kernels.run(args.device, args.dtype, reps=args.rounds)
+        print(bench_kernels.report(summary))
+    else:
+        summary = train(args)
+        print(report(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

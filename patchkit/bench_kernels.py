@@ -1,0 +1,109 @@
+"""`patchkit bench kernels`: each op, forward+backward, per implementation, against the unfused ops.
+
+On CUDA it compares the unfused PyTorch ops (as transformers writes them), patchkit's `torch`
+and `triton` providers and liger-kernel; elsewhere the unfused ops and the `torch` provider.
+Implementations are interleaved per repetition so drift cancels; the median is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from patchkit import kernels
+from patchkit.kernels import reference
+
+# (tokens, hidden, intermediate, heads, kv heads, head dim, vocab) per device type
+SHAPES = {"cuda": (8192, 4096, 14336, 32, 8, 128, 128256), "cpu": (2048, 1024, 2816, 8, 2, 64, 32000)}
+
+
+def _inputs(op, device, dtype):
+    tokens, hidden, inter, heads, kv, dim, vocab = SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
+
+    if op == "rms_norm":
+        return (randn(tokens, hidden), randn(hidden), 1e-6), 2
+    if op == "apply_rope":
+        seq = 2048 if device.type == "cuda" else 512
+        batch = tokens // seq
+        angle = torch.randn(batch, seq, dim // 2, device=device, generator=g).repeat(1, 1, 2)
+        return (randn(batch, seq, heads, dim).transpose(1, 2), randn(batch, seq, kv, dim).transpose(1, 2),
+                angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]), 2
+    if op in ("swiglu", "geglu"):
+        return (randn(tokens, inter), randn(tokens, inter)), 2
+    labels = torch.randint(0, vocab, (1, tokens), device=device, generator=g)
+    return (randn(1, tokens, hidden), randn(vocab, hidden, scale=0.02), labels), 2
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    from patchkit.bench import _reset_peak
+
+    return _reset_peak()
+
+
+def _peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from patchkit.bench import _status
+
+    return _status("VmHWM")
+
+
+def _implementations(device):
+    impls = {"unfused": lambda op: getattr(reference, op), "torch": lambda op: kernels.TORCH.ops[op]}
+    if device.type == "cuda":
+        impls["triton"] = lambda op: kernels.TRITON.ops[op]
+        if kernels.LIGER.unavailable("cuda") is None:
+            impls["liger"] = lambda op: kernels.LIGER.ops[op]
+    return impls
+
+
+def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    impls = _implementations(dev)
+    rows = []
+    for op in kernels.OPS:
+        args, n_grad = _inputs(op, dev, dt)
+        times = {name: [] for name in impls}
+        peaks = {name: [] for name in impls}
+        for rep in range(reps + 1):
+            for name, get in impls.items():
+                leaves = [a.detach().requires_grad_() if i < n_grad else a for i, a in enumerate(args)]
+                before = _peak_reset(dev)
+                start = time.perf_counter()
+                out = get(op)(*leaves)
+                outs = out if isinstance(out, tuple) else (out,)
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if rep:  # the first repetition warms up
+                    times[name].append(time.perf_counter() - start)
+                    peaks[name].append(_peak(dev) - before)
+                del out, outs, leaves
+        base = statistics.median(times["unfused"])
+        for name in impls:
+            t = statistics.median(times[name])
+            rows.append({"op": op, "impl": name, "ms": 1e3 * t, "speedup": base / t,
+                         "peak_mib": statistics.median(peaks[name]) / 2**20})
+    return {"scenario": "kernels", "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+            "shapes": dict(zip(("tokens", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab"),
+                               SHAPES["cuda" if dev.type == "cuda" else "cpu"])), "rows": rows}
+
+
+def report(summary: dict) -> str:
+    lines = [f"kernels, forward+backward, {summary['device']} {summary['dtype']}, shapes {summary['shapes']}",
+             "| op | implementation | ms | speed-up vs unfused | peak memory added (MiB) |", "|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['op']} | {r['impl']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['peak_mib']:.0f} |")
+    return "\n".join(lines)
