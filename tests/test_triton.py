@@ -151,7 +151,8 @@ def test_gpu_providers_match_torch(backend, dtype):
     k = torch.randn(2, 2, 77, 64, device=device, generator=g).to(dtype)
     angle = torch.randn(2, 77, 32, device=device, generator=g).repeat(1, 1, 2)
     cos, sin = angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
-    gate, up = torch.randn(2, 77, 2816, device=device, generator=g).to(dtype), torch.randn_like(gate)
+    gate = torch.randn(2, 77, 2816, device=device, generator=g).to(dtype)
+    up = torch.randn(2, 77, 2816, device=device, generator=g).to(dtype)
     hidden = torch.randn(2, 77, 256, device=device, generator=g).to(dtype)
     weight = torch.randn(32000, 256, device=device, generator=g).to(dtype) * 0.05
     labels = torch.randint(0, 32000, (2, 77), device=device, generator=g)
@@ -160,8 +161,8 @@ def test_gpu_providers_match_torch(backend, dtype):
     for op, args in cases:
         results = []
         for b in ("torch", backend):
-            leaves = [a.detach().requires_grad_() if a.is_floating_point() and a is not cos and a is not sin else a
-                      for a in args]
+            leaves = [a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
+                      and a is not cos and a is not sin else a for a in args]
             out = getattr(kernels, op)(*leaves, backend=b)
             outs = out if isinstance(out, tuple) else (out,)
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
