@@ -18,8 +18,12 @@ def test_verify_passes_and_prints_a_table(capsys):
     assert "grad lm_head.weight" in out and "logits" in out and "all architectures match" in out
 
 
-def test_verify_bf16_passes():
-    assert main(["verify", "--dtype", "bfloat16"]) == 0
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_with_no_argument_checks_every_architecture(capsys, dtype):
+    assert main(["verify", "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    for name in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"):
+        assert f"{name} ({dtype}, backend=auto): OK" in out
 
 
 @pytest.mark.parametrize("breakage", ["backward", "forward"])
