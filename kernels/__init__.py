@@ -60,6 +60,7 @@ LIGER = Provider(
 )
 
 __all__ = [
-    "LIGER", "OPS", "BackendError", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache", "dispatch", "fused_linear_cross_entropy",
+    "LIGER", "OPS", "BackendError", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache", "dispatch",
+    "fused_linear_cross_entropy",
     "geglu", "resolve", "rms_norm", "swiglu",
 ]

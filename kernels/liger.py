@@ -30,7 +30,8 @@ def rms_norm_liger(x, weight, eps, *, offset=0.0, cast="llama"):
 
 def apply_rope_liger(q, k, cos, sin):
     if cos.dim() != 4 or cos.shape[1] != 1:
-        raise ValueError("backend 'liger' applies RoPE to (batch, heads, seq, dim) with cos/sin of (batch, 1, seq, dim)")
+        raise ValueError("backend 'liger' applies RoPE to (batch, heads, seq, dim) with cos/sin of "
+                         "(batch, 1, seq, dim)")
     return _functional().liger_rope(q, k, cos.squeeze(1), sin.squeeze(1))
 
 

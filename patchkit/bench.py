@@ -68,7 +68,8 @@ def train(args) -> dict:
     tokens = ids.numel()
     n_params = sum(p.numel() for p in model.parameters())
     matmul_params = n_params - model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
-    flops_per_step = 6 * matmul_params * tokens + 12 * config.num_hidden_layers * args.seq * tokens * config.hidden_size // 2
+    causal_attention = 6 * config.num_hidden_layers * args.seq * tokens * config.hidden_size
+    flops_per_step = 6 * matmul_params * tokens + causal_attention
 
     def step(record=None):
         """One training step; with `record`, the time and the peak RSS of forward+backward and of the optimizer."""
@@ -105,8 +106,9 @@ def train(args) -> dict:
                "matmul_gflops": peak_flops / 1e9}
     for variant, r in results.items():
         s = statistics.median(r["s"])
+        memory = {f"{k}_gib": statistics.median(r[k]) / 2**30 for k in ("peak", "model_peak", "model_added")}
         summary[variant] = {"s_per_step": s, "tokens_per_s": tokens / s, "mfu": flops_per_step / s / peak_flops,
-                            **{f"{k}_gib": statistics.median(r[k]) / 2**30 for k in ("peak", "model_peak", "model_added")}}
+                            **memory}
     u, p = summary["unpatched"], summary["patched"]
     summary["speedup"] = p["tokens_per_s"] / u["tokens_per_s"]
     for k in ("peak", "model_peak", "model_added"):

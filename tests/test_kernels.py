@@ -46,7 +46,8 @@ def _compare(fn, ref, inputs, dtype, grad_seed=3, differentiable=None):
     a = [_leaf(x) if i < n else x for i, x in enumerate(inputs)]
     b = [_leaf(x) if i < n else x for i, x in enumerate(inputs)]
     out, expected = fn(*a), ref(*b)
-    out, expected = (out if isinstance(out, tuple) else (out,)), (expected if isinstance(expected, tuple) else (expected,))
+    out = out if isinstance(out, tuple) else (out,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
     g = torch.Generator().manual_seed(grad_seed)
     grads = [torch.randn(e.shape, generator=g).to(e.dtype) for e in expected]
     for o, e in zip(out, expected):

@@ -7,13 +7,12 @@ import threading
 
 import pytest
 import torch
+import transformers.models.llama.modeling_llama as M
 
 import patchkit
-from patchkit import patcher
 from patchkit.architectures import Llama
 from patchkit.parity import tiny_model
 
-M = pytest.importorskip("transformers.models.llama.modeling_llama")
 TARGETS = [(M.LlamaRMSNorm, "forward"), (M, "apply_rotary_pos_emb"), (M.LlamaMLP, "forward"),
            (M.LlamaForCausalLM, "forward")]
 

@@ -166,6 +166,7 @@ def test_gpu_providers_match_torch(backend, dtype):
             out = getattr(kernels, op)(*leaves, backend=b)
             outs = out if isinstance(out, tuple) else (out,)
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-            results.append([o.float() for o in outs] + [a.grad.float() for a in leaves if getattr(a, "grad", None) is not None])
+            grads = [a.grad.float() for a in leaves if getattr(a, "grad", None) is not None]
+            results.append([o.float() for o in outs] + grads)
         for got, expected in zip(results[1], results[0]):
             test_kernels._close(got, expected, dtype)
