@@ -45,6 +45,8 @@ def _plugins(args) -> int:
         print(f"{info.name}  {info.distribution} {info.version}  hooks: {', '.join(info.hooks) or '-'}")
     for err in registry.errors:
         print(f"FAILED {err.plugin}  {err.distribution}  {err.error}")
+    for line in registry.skipped:
+        print(f"SKIPPED {line}")
     return 0
 
 

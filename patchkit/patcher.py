@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import importlib.util
+import inspect
 import logging
 import sys
 import threading
@@ -18,6 +20,7 @@ from .architecture import Architecture
 log = logging.getLogger("patchkit")
 _MISSING = object()
 lock = threading.RLock()
+TESTED_TRANSFORMERS = "5.23"  # the release series the test suite runs against (pyproject: >=5.23,<6)
 
 
 class PatchError(RuntimeError):
@@ -31,6 +34,47 @@ def _transformers_version() -> str:
         return version("transformers")
     except Exception:  # pragma: no cover - transformers is a dependency
         return "unknown"
+
+
+def _drift(what: str, arch: Architecture, op: str) -> PatchError:
+    return PatchError(
+        f"{what} in transformers {_transformers_version()} (patchkit is tested with transformers "
+        f"{TESTED_TRANSFORMERS}.x), so the {arch.name!r} architecture cannot be patched; nothing was changed and "
+        f"the model runs as transformers ships it. Install transformers {TESTED_TRANSFORMERS}.x, or leave that op "
+        f"out: patch({arch.name!r}, {op}=False). Then run `patchkit verify`.")
+
+
+def _unaccepted(original, replacement) -> str | None:
+    """A parameter of `original` that calls may use and `replacement` would mishandle, or None.
+
+    Positional parameters must line up: a differently named parameter is tolerated only where
+    both are required (Gemma's `x` for Llama's `hidden_states`), never against an optional one.
+    Parameters with defaults or keyword-only ones must be accepted by name.
+    """
+    try:
+        old, new = inspect.signature(original), inspect.signature(replacement, follow_wrapped=False)
+    except (TypeError, ValueError):  # builtins, modules: nothing to compare
+        return None
+    params = list(new.parameters.values())
+    kinds = {p.kind for p in params}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for i, p in enumerate(old.parameters.values()):
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if i >= len(positional):
+                if p.VAR_POSITIONAL not in kinds:
+                    return p.name
+                continue
+            mine = positional[i]
+            optional = p.default is not p.empty or mine.default is not mine.empty
+            if i and mine.name != p.name and optional:
+                return p.name
+        if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and p.kind is not p.POSITIONAL_ONLY:
+            if p.name not in names and p.VAR_KEYWORD not in kinds:
+                return p.name
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.kind not in kinds:
+            return ("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name
+    return None
 
 
 @dataclass
@@ -49,7 +93,8 @@ def _options(arch: Architecture) -> tuple:
 
 
 def _resolve(module, path: str, arch: Architecture, op: str):
-    owner, *rest = path.split(".")
+    # interned: CPython's type-attribute cache keeps a reference to every distinct name string it sees
+    owner, *rest = (sys.intern(part) for part in path.split("."))
     holder, attr = module, owner
     for part in rest:
         holder = getattr(holder, attr, _MISSING)
@@ -57,22 +102,48 @@ def _resolve(module, path: str, arch: Architecture, op: str):
             break
         attr = part
     if holder is _MISSING or not hasattr(holder, attr):
-        raise PatchError(
-            f"{module.__name__}.{path} does not exist in transformers {_transformers_version()}, so the "
-            f"{arch.name!r} architecture cannot be patched; nothing was changed. Pin a transformers version "
-            f"patchkit supports (see `pip show patchkit`) or disable that op, e.g. patch({arch.name!r}, "
-            f"{op}=False)."
-        )
+        raise _drift(f"{module.__name__}.{path} does not exist", arch, op)
     return holder, attr
+
+
+def _conflicts(arch: Architecture, module) -> set[str]:
+    """Other architectures whose live patches sit on attributes `arch` would replace."""
+    found = set()
+    for op, path, _ in arch.targets():
+        owner, attr = _resolve(module, path, arch, op)
+        mark = getattr(getattr(owner, attr), "__patchkit__", None)
+        if mark and mark[0] != arch.name:
+            found.add(mark[0])
+    return found
+
+
+def _owner_plugin(name: str) -> str:
+    from .plugins import manager
+
+    return manager().plugin_of.get(name, "?")
 
 
 def _install(record: Applied, module) -> None:
     arch = record.arch
+    others = _conflicts(arch, module)
+    if others and not arch.overrides:
+        raise PatchError(
+            f"architecture {arch.name!r} (plugin {_owner_plugin(arch.name)}) would replace what "
+            + ", ".join(f"{o!r} (plugin {_owner_plugin(o)})" for o in sorted(others))
+            + " patched; nothing was changed. Unpatch that first, or set `overrides = True` on the class that "
+            "should win.")
+    for other in others:
+        log.warning("patchkit: %s overrides the patch of %s", arch.name, other)
+        restore(other)
     plan = []
     for op, path, factory in arch.targets():
         owner, attr = _resolve(module, path, arch, op)
         original = getattr(owner, attr)
         replacement = factory(original)
+        missing = _unaccepted(original, replacement)
+        if missing:
+            raise _drift(f"{module.__name__}.{path}{inspect.signature(original)} takes {missing!r}, which "
+                         "patchkit's replacement does not accept,", arch, op)
         if callable(replacement) and callable(original) and hasattr(replacement, "__code__"):
             functools.update_wrapper(replacement, original)
         if hasattr(replacement, "__code__"):
@@ -104,6 +175,13 @@ def apply(arch: Architecture) -> bool:
         record = Applied(arch, _options(arch))
         module = sys.modules.get(arch.module)
         if module is None:
+            try:
+                found = importlib.util.find_spec(arch.module) is not None  # imports parent packages only
+            except ImportError:
+                found = False
+            if not found:
+                raise PatchError(f"architecture {arch.name!r} names module {arch.module!r}, which transformers "
+                                 f"{_transformers_version()} does not have; nothing was changed")
             _watch()
             _pending.setdefault(arch.module, {})[arch.name] = record
             log.debug("patchkit: %s will be patched when %s is imported", arch.name, arch.module)
@@ -123,8 +201,11 @@ def apply(arch: Architecture) -> bool:
 def restore(name: str) -> bool:
     """Undo the patch of architecture `name`. Returns False if it was not patched."""
     with lock:
-        for waiting in _pending.values():
+        for module_name, waiting in list(_pending.items()):
             if waiting.pop(name, None) is not None:
+                if not waiting:
+                    del _pending[module_name]
+                _unwatch()
                 return True
         record = _applied.pop(name, None)
         if record is None:
@@ -140,7 +221,9 @@ def state(name: str) -> Applied | None:
 
 def _on_import(module) -> None:
     with lock:
-        for name, record in list(_pending.pop(module.__name__, {}).items()):
+        waiting = _pending.pop(module.__name__, {})
+        _unwatch()
+        for name, record in waiting.items():
             try:
                 _install(record, module)
             except PatchError as err:
@@ -186,3 +269,9 @@ _finder = _Finder()
 def _watch() -> None:
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
+
+
+def _unwatch() -> None:
+    """Take the finder out again once no patch waits for an import."""
+    if not _pending and _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)

@@ -2,8 +2,8 @@
 
 Entry points are loaded one at a time, sorted by distribution and name; one that fails to
 import, or whose hook raises or returns something unusable, is recorded and skipped.
-`PATCHKIT_DISABLE_PLUGIN_AUTOLOAD=1` turns entry-point loading off; `PATCHKIT_STRICT_PLUGINS=1`
-re-raises the first failure (for CI).
+`PATCHKIT_DISABLE_PLUGIN_AUTOLOAD=1` turns entry-point loading off; `PATCHKIT_PLUGINS=a,b` loads
+only the entry points named; `PATCHKIT_STRICT_PLUGINS=1` re-raises the first failure (for CI).
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.errors: list[PluginError] = []
+        self.skipped: list[str] = []
         self.architectures: dict[str, type[Architecture]] = {}
         self.model_types: dict[str, type[Architecture]] = {}
+        self.plugin_of: dict[str, str] = {}  # architecture name -> plugin that registered it
         self.providers: dict = {}
         for name in BUILTINS:
             self.pm.register(importlib.import_module(name), name=name)
@@ -68,8 +70,14 @@ class Plugins:
 
     def _load_entry_points(self) -> None:
         eps = importlib.metadata.entry_points(group="patchkit")
+        allowed = os.environ.get("PATCHKIT_PLUGINS")
+        allowed = None if allowed is None else {name.strip() for name in allowed.split(",") if name.strip()}
+        self.skipped: list[str] = []
         for ep in sorted(eps, key=lambda e: (e.dist.name if e.dist else "", e.name)):
             dist = ep.dist.name if ep.dist else "?"
+            if allowed is not None and ep.name not in allowed:
+                self.skipped.append(f"{ep.name} ({dist}): not in PATCHKIT_PLUGINS")
+                continue
             if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
                 continue
             try:
@@ -107,7 +115,7 @@ class Plugins:
         from patchkit.kernels import Provider, clear_cache
 
         self.errors = list(self._load_errors)
-        self.architectures, self.model_types, self.providers = {}, {}, {}
+        self.architectures, self.model_types, self.providers, self.plugin_of = {}, {}, {}, {}
         for name, info in self.info.items():
             plugin = self.pm.get_plugin(name)
             info.hooks = [h.name for h in self.pm.get_hookcallers(plugin) or ()] if plugin is not None else []
@@ -116,6 +124,8 @@ class Plugins:
                 self._add_architecture(arch)
             except (TypeError, ValueError) as err:
                 self._fail(plugin, dist, err)
+            else:
+                self.plugin_of[arch.name] = plugin
         for plugin, dist, provider in self._results("patchkit_kernel_providers"):
             if not isinstance(provider, Provider):
                 self._fail(plugin, dist, TypeError(f"patchkit_kernel_providers returned {provider!r}, not a Provider"))

@@ -11,7 +11,16 @@ from patchkit import plugins
 
 
 def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow, and more hypothesis cases")
+
+
+def pytest_configure(config):
+    from hypothesis import HealthCheck, settings
+
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=quiet)
+    settings.register_profile("slow", max_examples=300, deadline=None, suppress_health_check=quiet)
+    settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 
 def pytest_collection_modifyitems(config, items):

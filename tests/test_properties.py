@@ -1,0 +1,164 @@
+"""Property-based kernel tests: random shapes, dtypes, strides, eps, soft-caps, ignore patterns,
+extreme magnitudes and inf/NaN, for every op and every backend that runs here, forward and backward.
+
+CI runs the bounded "ci" profile; `pytest --slow` runs the "slow" profile (more and larger cases).
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchkit import kernels
+from patchkit.kernels import cross_entropy, reference
+
+BACKENDS = ["torch", "triton"]
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+SPECIAL = st.sampled_from([None, None, "nan", "inf", "-inf"])
+
+
+def _big(slow_size, ci_size):
+    return slow_size if settings().max_examples > 100 else ci_size
+
+
+def _tensor(data, shape, dtype, scale=1.0, layout="contiguous", special=None):
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+    if special and x.numel():
+        x.view(-1)[data.draw(st.integers(0, x.numel() - 1), label="where")] = float(special)
+    x = x.to(dtype)
+    if layout == "transposed" and x.dim() >= 2:  # same values, column-major storage
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "strided" and x.dim() >= 2:  # every other row of a bigger tensor
+        wide = torch.empty((x.shape[0] * 2, *x.shape[1:]), dtype=dtype)
+        wide[::2] = x
+        x = wide[::2]
+    return x
+
+
+def _check(out, expected, dtype):
+    """Same NaN/inf pattern as the reference; finite values close relative to the tensor's scale."""
+    out, expected = out.float(), expected.float()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), "NaN pattern differs from the reference"
+    finite = torch.isfinite(expected)
+    assert torch.equal(out[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)])
+    if finite.any():
+        scale = max(1.0, expected[finite].abs().max().item())
+        tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+        torch.testing.assert_close(out[finite], expected[finite], atol=tol * scale, rtol=tol)
+
+
+def _run_both(fn, ref, tensors, grads_for, dtype, seed=0):
+    """Forward and backward of fn and ref on copies of `tensors`; check outputs and input gradients."""
+    a = [t.detach().requires_grad_(i in grads_for) for i, t in enumerate(tensors)]
+    b = [t.detach().requires_grad_(i in grads_for) for i, t in enumerate(tensors)]
+    out, expected = fn(*a), ref(*b)
+    out = out if isinstance(out, tuple) else (out,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for o, e in zip(out, expected):
+        _check(o, e, dtype)
+    g = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(e.shape, generator=g).to(e.dtype) for e in expected]
+    torch.autograd.backward(out, upstream)
+    torch.autograd.backward(expected, upstream)
+    for i in grads_for:
+        _check(a[i].grad, b[i].grad, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data(), dtype=DTYPES, special=SPECIAL,
+       layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+       norm=st.sampled_from([(0.0, "llama"), (1.0, "gemma"), (0.0, "gemma")]),
+       eps=st.floats(1e-8, 1e-2), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_rms_norm(backend, data, dtype, special, layout, norm, eps, scale):
+    rows = data.draw(st.integers(1, _big(3000, 300 if backend == "torch" else 40)), label="rows")
+    hidden = data.draw(st.integers(1, 300), label="hidden")
+    x = _tensor(data, (rows, hidden), dtype, scale, layout, special)
+    w = _tensor(data, (hidden,), dtype, 0.3) + (1 - norm[0])
+    offset, cast = norm
+    _run_both(lambda x, w: kernels.rms_norm(x, w, eps, offset=offset, cast=cast, backend=backend),
+              lambda x, w: reference.rms_norm(x, w, eps, offset=offset, cast=cast), [x, w], (0, 1), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data(), dtype=DTYPES, special=SPECIAL, scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_apply_rope(backend, data, dtype, special, scale):
+    batch, heads = data.draw(st.integers(1, 3), label="batch"), data.draw(st.integers(1, 4), label="heads")
+    kv = data.draw(st.integers(1, heads), label="kv")
+    seq = data.draw(st.integers(1, _big(1000, 64 if backend == "torch" else 16)), label="seq")
+    dim = 2 * data.draw(st.integers(1, 40), label="half")
+    q = _tensor(data, (batch, seq, heads, dim), dtype, scale, special=special).transpose(1, 2)
+    k = _tensor(data, (batch, seq, kv, dim), dtype, scale).transpose(1, 2)
+    angle = _tensor(data, (batch, seq, dim // 2), torch.float32, 3.0).repeat(1, 1, 2)
+    cos, sin = angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
+    _run_both(functools.partial(kernels.apply_rope, backend=backend), reference.apply_rope, [q, k, cos, sin], (0, 1),
+              dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["swiglu", "geglu"])
+@given(data=st.data(), dtype=DTYPES, special=SPECIAL, layout=st.sampled_from(["contiguous", "transposed"]),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]))
+def test_gated(backend, op, data, dtype, special, layout, scale):
+    rows = data.draw(st.integers(1, _big(2000, 200 if backend == "torch" else 30)), label="rows")
+    cols = data.draw(st.integers(1, 700), label="cols")
+    gate = _tensor(data, (rows, cols), dtype, scale, layout, special)
+    up = _tensor(data, (rows, cols), dtype)
+    _run_both(functools.partial(getattr(kernels, op), backend=backend), getattr(reference, op), [gate, up], (0, 1),
+              dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data(), dtype=DTYPES, softcap=st.sampled_from([None, None, 0.5, 30.0]),
+       ignore=st.sampled_from(["none", "all", "random"]),
+       reduction=st.sampled_from(["mean", "sum", "none", "num_items"]),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]), special=st.sampled_from([None, None, "nan"]))
+def test_fused_linear_cross_entropy(backend, data, dtype, softcap, ignore, reduction, scale, special):
+    tokens = data.draw(st.integers(1, _big(2000, 96 if backend == "torch" else 24)), label="tokens")
+    hidden = data.draw(st.integers(1, 64), label="hidden")
+    vocab = data.draw(st.integers(2, 600), label="vocab")
+    chunk = vocab * data.draw(st.integers(1, 7), label="chunk rows") + data.draw(st.integers(0, vocab - 1))
+    h = _tensor(data, (1, tokens, hidden), dtype, scale)
+    w = _tensor(data, (vocab, hidden), dtype, 1 / math.sqrt(hidden))
+    seed = data.draw(st.integers(0, 2**31 - 1), label="label seed")
+    labels = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    if ignore == "all":
+        labels[:] = -100
+    elif ignore == "random":
+        labels[torch.rand(labels.shape, generator=torch.Generator().manual_seed(seed)) < 0.4] = -100
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    counted = (targets != -100).nonzero()[:, 1]
+    if special and counted.numel():  # NaN in a counted position: the loss is NaN, as the reference's
+        h[0, counted[data.draw(st.integers(0, counted.numel() - 1))], 0] = float("nan")
+    kw = {"softcap": softcap}
+    if reduction == "num_items":
+        kw["num_items_in_batch"] = data.draw(st.integers(1, 3 * tokens), label="num items")
+    else:
+        kw["reduction"] = reduction
+    if reduction == "mean" and not counted.numel():
+        out = kernels.fused_linear_cross_entropy(h, w, labels, backend=backend, **kw)
+        assert out.item() == 0.0  # documented departure: the reference divides 0 by 0
+        return
+    old = cross_entropy.CHUNK_ELEMENTS
+    cross_entropy.CHUNK_ELEMENTS = chunk  # vocab does not divide the chunk
+    try:
+        _run_both(lambda h, w: kernels.fused_linear_cross_entropy(h, w, labels, backend=backend, **kw),
+                  lambda h, w: reference.fused_linear_cross_entropy(h, w, labels, **kw), [h, w], (0, 1), dtype)
+    finally:
+        cross_entropy.CHUNK_ELEMENTS = old
+
+
+def test_nan_in_an_ignored_position_does_not_poison_the_gradient():
+    """Documented departure: ignored tokens are dropped before the matmul, so their NaNs stay out."""
+    h = torch.randn(1, 6, 8)
+    h[0, 2, 3] = float("nan")
+    labels = torch.tensor([[1, 2, -100, 3, 4, 5]])  # position 2 predicts label[3]... ignore its target instead
+    labels[0, 3] = -100
+    w = torch.randn(10, 8, requires_grad=True)
+    h.requires_grad_()
+    loss = kernels.fused_linear_cross_entropy(h, w, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
