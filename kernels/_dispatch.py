@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -49,9 +48,19 @@ def _providers() -> dict[str, Provider]:
     return manager().providers
 
 
-@functools.lru_cache(maxsize=None)
+_resolved: dict[tuple[str, str, str], Callable] = {}  # a plain dict: torch.compile traces through it
+
+
 def resolve(op: str, backend: str, device_type: str) -> Callable:
     """The implementation of `op` that `backend` gives for `device_type` (cached; see `clear_cache`)."""
+    key = (op, backend, device_type)
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _resolve(op, backend, device_type)
+    return fn
+
+
+def _resolve(op: str, backend: str, device_type: str) -> Callable:
     providers = _providers()
     if backend == "auto":
         candidates = [p for p in providers.values()
@@ -71,7 +80,7 @@ def resolve(op: str, backend: str, device_type: str) -> Callable:
 
 
 def clear_cache() -> None:
-    resolve.cache_clear()
+    _resolved.clear()
 
 
 def dispatch(op: str, backend: str, device: torch.device) -> Callable:

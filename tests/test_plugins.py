@@ -149,3 +149,19 @@ def test_hookspecs_are_documented():
     for name in dir(hookspecs):
         if name.startswith("patchkit_"):
             assert getattr(hookspecs, name).__doc__ and name in docs
+
+
+def test_allow_list_loads_only_the_named_entry_points(site):
+    proc = _python(site, """
+        import patchkit
+        from patchkit.plugins import manager
+        print(sorted(manager().info))
+        print(len(manager().errors))
+        from patchkit.cli import main
+        main(["plugins"])
+    """, PATCHKIT_PLUGINS="tinyllama")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "'tinyllama'" in lines[0] and "'broken'" not in lines[0] and "'clash'" not in lines[0]
+    assert lines[1] == "0"  # the broken plugin was never imported
+    assert "SKIPPED broken (pk-broken): not in PATCHKIT_PLUGINS" in proc.stdout
