@@ -115,7 +115,7 @@ def test_gated(backend, op, data, dtype, special, layout, scale):
 @given(data=st.data(), dtype=DTYPES, softcap=st.sampled_from([None, None, 0.5, 30.0]),
        ignore=st.sampled_from(["none", "all", "random"]),
        reduction=st.sampled_from(["mean", "sum", "none", "num_items"]),
-       scale=st.sampled_from([1e-3, 1.0, 30.0]), special=st.sampled_from([None, None, "nan"]))
+       scale=st.sampled_from([1e-3, 1.0, 30.0, 1e3]), special=st.sampled_from([None, None, "nan"]))
 def test_fused_linear_cross_entropy(backend, data, dtype, softcap, ignore, reduction, scale, special):
     tokens = data.draw(st.integers(1, _big(2000, 96) if backend == "torch" else _big(200, 24)), label="tokens")
     hidden = data.draw(st.integers(1, 64), label="hidden")
