@@ -140,12 +140,14 @@ def _install(record: Applied, module) -> None:
         owner, attr = _resolve(module, path, arch, op)
         original = getattr(owner, attr)
         replacement = factory(original)
-        missing = _unaccepted(original, replacement)
+        # with Hugging Face `kernels` installed, a function like apply_rotary_pos_emb is an nn.Module
+        signature_of = original if inspect.isroutine(original) else getattr(original, "forward", original)
+        missing = _unaccepted(signature_of, replacement)
         if missing:
-            raise _drift(f"{module.__name__}.{path}{inspect.signature(original)} takes {missing!r}, which "
+            raise _drift(f"{module.__name__}.{path}{inspect.signature(signature_of)} takes {missing!r}, which "
                          "patchkit's replacement does not accept,", arch, op)
-        if callable(replacement) and callable(original) and hasattr(replacement, "__code__"):
-            functools.update_wrapper(replacement, original)
+        if callable(replacement) and callable(signature_of) and hasattr(replacement, "__code__"):
+            functools.update_wrapper(replacement, signature_of)
         if hasattr(replacement, "__code__"):
             replacement.__patchkit__ = (arch.name, op)
         own = vars(owner).get(attr, _MISSING) if isinstance(owner, type) else getattr(owner, attr)

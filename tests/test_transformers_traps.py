@@ -110,3 +110,24 @@ def test_sft_trainer_runs_patched(tmp_path):
     assert len(losses["patched"]) == 3
     torch.testing.assert_close(torch.tensor(losses["patched"]), torch.tensor(losses["unpatched"]),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_hub_kernel_module_in_place_of_a_function(monkeypatch):
+    """With Hugging Face `kernels` installed, apply_rotary_pos_emb is an nn.Module instance."""
+    import transformers.models.llama.modeling_llama as M
+
+    function = M.apply_rotary_pos_emb
+
+    class RotaryPosEmb(torch.nn.Module):
+        def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+            return function(q, k, cos, sin, unsqueeze_dim)
+
+    layer = RotaryPosEmb()
+    monkeypatch.setattr(M, "apply_rotary_pos_emb", layer)
+    model = tiny_model(Llama)
+    with patchkit.patched("llama"):
+        assert M.apply_rotary_pos_emb is not layer and "unsqueeze_dim" in str(
+            __import__("inspect").signature(M.apply_rotary_pos_emb))
+        from patchkit.parity import compare
+        assert compare(Llama(), model, tiny_batch(model.config.vocab_size)).ok
+    assert M.apply_rotary_pos_emb is layer
