@@ -55,7 +55,10 @@ def _logits(hc, weight, buffer):
 
 
 def _softmax(logits, targets, softcap):
-    """Softmax in float32 (in place where safe), per-row lse, target logit, argmax, d(capped)/d(raw)."""
+    """Softmax in float32 (in place where safe), per-row lse, per-row loss, argmax, d(capped)/d(raw).
+
+    The loss is (max - target) + log(sum exp(x - max)), not lse - target: at large logits the
+    latter cancels two nearly equal numbers."""
     logits = logits.float() if logits.dtype != torch.float32 else logits
     dcap = None
     if softcap:
@@ -63,23 +66,23 @@ def _softmax(logits, targets, softcap):
         logits = tanh * softcap
         dcap = tanh.square_().neg_().add_(1)
     top_logit, top = logits.max(-1)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    below_top = top_logit - logits.gather(1, targets[:, None]).squeeze(1)  # before the cancellation-prone sums
     p = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if logits.is_cpu else logits.softmax(-1)
-    lse = top_logit - p.gather(1, top[:, None]).squeeze(1).log()  # p[argmax] >= 1/vocab: never underflows
-    return p, lse, target_logit, top, dcap
+    log_mass = -p.gather(1, top[:, None]).squeeze(1).log()  # log(sum exp(x - max)); p[argmax] >= 1/vocab
+    return p, top_logit + log_mass, below_top + log_mass, top, dcap
 
 
 def _rows_torch(logits, targets, softcap, grad, row_scale=None):
     """Per-row loss and lse of one chunk; with `grad`, also d loss / d raw logits (times `row_scale`)."""
-    p, lse, target_logit, _, dcap = _softmax(logits, targets, softcap)
+    p, lse, loss, _, dcap = _softmax(logits, targets, softcap)
     if not grad:
-        return lse - target_logit, lse, None
+        return loss, lse, None
     p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))
     if row_scale is not None:
         p.mul_(row_scale[:, None])
     if dcap is not None:
         p.mul_(dcap)
-    return lse - target_logit, lse, p
+    return loss, lse, p
 
 
 def _accumulate(g, hc, weight, grad_h, grad_w, rows, alpha):
@@ -146,8 +149,7 @@ class _PerTokenCE(torch.autograd.Function):
             for rows in chunks:
                 logits = _logits(h[rows], weight, buffer)
                 if with_stats:
-                    p, lse, target_logit, top, _ = _softmax(logits, safe[rows], softcap)
-                    loss[rows], lses[rows] = lse - target_logit, lse
+                    p, lses[rows], loss[rows], top, _ = _softmax(logits, safe[rows], softcap)
                     entropy[rows] = torch.special.entr(p).sum(-1)
                     top1[rows] = top == safe[rows]
                 else:
@@ -241,7 +243,7 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
     x_t = tl.load(base + target).to(tl.float32)
     if HAS_CAP:
         x_t = softcap * (2.0 * tl.sigmoid(2.0 * x_t / softcap) - 1.0)
-    tl.store(LOSS + row, lse - x_t)
+    tl.store(LOSS + row, (m - x_t) + tl.log(total))  # not lse - x_t: no cancellation at large logits
     tl.store(LSE + row, lse)
     if GRAD:
         scale = tl.load(SCALE + row) if HAS_SCALE else 1.0

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 
 def rms_norm(x, weight, eps, *, offset=0.0, cast="llama"):
-    h = x.float()
+    h = x if x.dtype == torch.float64 else x.float()  # float64 in, float64 math: the exact reference
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if cast == "gemma":  # GemmaRMSNorm
-        return (h * (offset + weight.float())).type_as(x)
+        return (h * (offset + weight.to(h.dtype))).type_as(x)
     return (weight + offset if offset else weight) * h.to(x.dtype)  # LlamaRMSNorm
 
 
@@ -40,6 +40,14 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, sof
     logits = hidden @ weight.t()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    if logits.dtype == torch.float64:  # the exact reference: ForCausalLMLoss would round to float32
+        targets = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        losses = F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), ignore_index=ignore_index,
+                                 reduction="none")
+        if reduction == "none" and num_items_in_batch is None:
+            return losses.view(targets.shape)
+        divisor = num_items_in_batch if num_items_in_batch is not None else (targets != ignore_index).sum()
+        return losses.sum() / (divisor if reduction == "mean" or num_items_in_batch is not None else 1)
     if reduction == "mean" or num_items_in_batch is not None:
         return ForCausalLMLoss(logits, labels, weight.shape[0], num_items_in_batch=num_items_in_batch,
                                ignore_index=ignore_index, shift_labels=shift_labels)
