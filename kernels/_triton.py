@@ -59,6 +59,12 @@ def cast(x, DTYPE: tl.constexpr):
 
 
 @jit
+def tanh(x):
+    """tanh through sigmoid, which every Triton backend and the interpreter have."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@jit
 def rounded(x, DTYPE: tl.constexpr):
     """float32 `x` rounded to DTYPE's precision, kept in float32 (a reference's intermediate cast)."""
     return cast(x, DTYPE).to(tl.float32)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch
-from ._triton import block, cast, jit, tl
+from ._triton import block, cast, jit, tanh, tl
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in float32; large enough for full-speed matmuls
@@ -234,7 +234,7 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         if HAS_CAP:
-            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+            x = softcap * tanh(x / softcap)
         x = tl.where(cols < n_cols, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
@@ -242,7 +242,7 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
     lse = m + tl.log(total)
     x_t = tl.load(base + target).to(tl.float32)
     if HAS_CAP:
-        x_t = softcap * (2.0 * tl.sigmoid(2.0 * x_t / softcap) - 1.0)
+        x_t = softcap * tanh(x_t / softcap)
     tl.store(LOSS + row, (m - x_t) + tl.log(total))  # not lse - x_t: no cancellation at large logits
     tl.store(LSE + row, lse)
     if GRAD:
@@ -252,7 +252,7 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_CAP:
-                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+                t = tanh(x / softcap)
                 g = (tl.exp(softcap * t - lse) - (cols == target)) * (1.0 - t * t)
             else:
                 g = tl.exp(x - lse) - (cols == target)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch
-from ._triton import cast, jit, rounded, tl, triton
+from ._triton import cast, jit, rounded, tanh, tl, triton
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -70,8 +70,7 @@ def _act(g, ACT: tl.constexpr):
         s = tl.sigmoid(g)
         return g * s, s * (1.0 + g * (1.0 - s))
     else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        t = tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
         return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
             1.0 + 3.0 * 0.044715 * g * g)
 

@@ -106,15 +106,10 @@ def _resolve(module, path: str, arch: Architecture, op: str):
     return holder, attr
 
 
-def _conflicts(arch: Architecture, module) -> set[str]:
-    """Other architectures whose live patches sit on attributes `arch` would replace."""
-    found = set()
-    for op, path, _ in arch.targets():
-        owner, attr = _resolve(module, path, arch, op)
-        mark = getattr(getattr(owner, attr), "__patchkit__", None)
-        if mark and mark[0] != arch.name:
-            found.add(mark[0])
-    return found
+def _conflicts(arch: Architecture, targets) -> set[str]:
+    """Other architectures whose live patches sit on the resolved `targets` of `arch`."""
+    marks = (getattr(getattr(owner, attr), "__patchkit__", None) for *_, owner, attr in targets)
+    return {mark[0] for mark in marks if mark and mark[0] != arch.name}
 
 
 def _owner_plugin(name: str) -> str:
@@ -125,7 +120,8 @@ def _owner_plugin(name: str) -> str:
 
 def _install(record: Applied, module) -> None:
     arch = record.arch
-    others = _conflicts(arch, module)
+    targets = [(op, path, factory, *_resolve(module, path, arch, op)) for op, path, factory in arch.targets()]
+    others = _conflicts(arch, targets)
     if others and not arch.overrides:
         raise PatchError(
             f"architecture {arch.name!r} (plugin {_owner_plugin(arch.name)}) would replace what "
@@ -136,8 +132,7 @@ def _install(record: Applied, module) -> None:
         log.warning("patchkit: %s overrides the patch of %s", arch.name, other)
         restore(other)
     plan = []
-    for op, path, factory in arch.targets():
-        owner, attr = _resolve(module, path, arch, op)
+    for op, path, factory, owner, attr in targets:
         original = getattr(owner, attr)
         replacement = factory(original)
         # with Hugging Face `kernels` installed, a function like apply_rotary_pos_emb is an nn.Module

@@ -72,7 +72,6 @@ class Plugins:
         eps = importlib.metadata.entry_points(group="patchkit")
         allowed = os.environ.get("PATCHKIT_PLUGINS")
         allowed = None if allowed is None else {name.strip() for name in allowed.split(",") if name.strip()}
-        self.skipped: list[str] = []
         for ep in sorted(eps, key=lambda e: (e.dist.name if e.dist else "", e.name)):
             dist = ep.dist.name if ep.dist else "?"
             if allowed is not None and ep.name not in allowed:

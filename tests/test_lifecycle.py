@@ -227,6 +227,7 @@ def test_an_architecture_whose_module_does_not_exist_is_refused(register_plugin)
             return [Nowhere]
 
     register_plugin(Hooks())
-    with pytest.raises(patchkit.PatchError, match="'nowhere' names module 'transformers.models.nowhere.modeling_nowhere'"):
+    missing = "'nowhere' names module 'transformers.models.nowhere.modeling_nowhere'"
+    with pytest.raises(patchkit.PatchError, match=missing):
         patchkit.patch("nowhere")
     assert not patchkit.is_patched("nowhere")
