@@ -1,0 +1,76 @@
+"""Tiny local tokenizers and synthetic data for tests, examples and benchmarks: nothing is downloaded.
+
+- `word_tokenizer(vocab_size)`: words `w0 w1 ...`, one id each; for pre-tokenized random documents.
+- `chat_tokenizer()`: one token per character plus chat specials, with a chat template that marks
+  assistant turns with `{% generation %}` (what TRL's `assistant_only_loss` needs).
+- `arithmetic(n)`: conversations "12+7=" -> "19", a task a tiny model learns in a few hundred steps;
+  `arithmetic(n, prompt_completion=True)` gives the same as prompt/completion pairs.
+- `documents(n, vocab_size, max_len)`: pre-tokenized random documents of 32..max_len tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHARS = list("0123456789+-*= ")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|end|>"
+    "{% endgeneration %}"
+    "{% else %}<|user|>{{ message['content'] }}<|end|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _fast(vocab: list[str], pre_tokenizer, **specials):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", **specials)
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import pre_tokenizers
+
+    words = SPECIALS[:3] + [f"w{i}" for i in range(vocab_size - 3)]
+    return _fast(words, pre_tokenizers.WhitespaceSplit(), eos_token="<eos>")
+
+
+def chat_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    tok = _fast(SPECIALS + CHARS, pre_tokenizers.Split(Regex("."), "isolated"), eos_token="<|end|>",
+                additional_special_tokens=SPECIALS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def arithmetic(n: int, *, seed: int = 0, max_operand: int = 20, prompt_completion: bool = False):
+    """`n` sums and differences of small numbers, as chat `messages` (or `prompt`/`completion`)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+        question, answer = f"{a}{op}{b}=", str(a + b if op == "+" else a - b)
+        if prompt_completion:
+            rows.append({"prompt": [{"role": "user", "content": question}],
+                         "completion": [{"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer}]})
+    return Dataset.from_list(rows)
+
+
+def documents(n: int, vocab_size: int, max_len: int, *, seed: int = 0, min_len: int = 32):
+    """`n` pre-tokenized documents (`input_ids`) of random length in [min_len, max_len]."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    return Dataset.from_list([{"input_ids": [rng.randrange(3, vocab_size) for _ in range(rng.randint(min_len, max_len))]}
+                              for _ in range(n)])
