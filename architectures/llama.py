@@ -3,7 +3,12 @@
 Ops and what they replace in `transformers.models.llama.modeling_llama`:
 - `rms_norm`: `LlamaRMSNorm.forward` -> `kernels.rms_norm` (float32 compute, Llama casting)
 - `rope`: `apply_rotary_pos_emb` -> `kernels.apply_rope`
-- `mlp`: `LlamaMLP.forward` -> gated activation kernel chosen from the module's `act_fn`
+- `mlp`: `LlamaMLP.forward` -> gated activation kernel chosen from the module's `act_fn`; with PEFT
+  LoRA on its projections (and the `lora` op on), one `kernels.lora_mlp` node for all three
+- `attention`: the module's `ALL_ATTENTION_FUNCTIONS` -> a local `AttentionInterface` whose sdpa and
+  eager attend per document in packed rows (`patchkit.attention`)
+- `lora`: PEFT's `lora.Linear.forward` -> `kernels.lora_linear` (shared by every family:
+  `patchkit.integrations`), which serves the attention projections
 - `cross_entropy`: `LlamaForCausalLM.forward` -> with labels in training, the backbone plus
   `kernels.fused_linear_cross_entropy` (no logits); otherwise the original forward, untouched.
 """
@@ -17,6 +22,8 @@ from torch import nn
 
 from patchkit import kernels as K
 from patchkit.architecture import Architecture, replaces
+from patchkit.attention import interface as packed_attention
+from patchkit.integrations import lora_projection
 
 
 def _activation_kernels() -> dict[type, str]:
@@ -37,6 +44,7 @@ class Llama(Architecture):
     norm_offset: ClassVar[float] = 0.0  # RMSNorm multiplies by (offset + weight)
     norm_cast: ClassVar[str] = "llama"  # see kernels.rms_norm
     norm_eps: ClassVar[str] = "variance_epsilon"  # attribute of the norm module holding eps
+    shared_ops: ClassVar[tuple[str, ...]] = ("lora",)  # PEFT's LoRA layer: patchkit.integrations
 
     @replaces("rms_norm", "{prefix}RMSNorm.forward")
     def rms_norm(self, original):
@@ -59,12 +67,16 @@ class Llama(Architecture):
 
     @replaces("mlp", "{prefix}MLP.forward")
     def mlp(self, original):
-        backend, kernels = self.backend, _activation_kernels()
+        backend, kernels, lora = self.backend, _activation_kernels(), self.enabled.get("lora", False)
 
         def forward(module, x):
             kernel = kernels.get(type(module.act_fn))
             if kernel is None:
                 return original(module, x)
+            if lora:
+                projections = [lora_projection(getattr(module, f"{p}_proj"), x) for p in ("gate", "up", "down")]
+                if all(projections) and any(p.lora_a is not None for p in projections):
+                    return K.lora_mlp(x, *projections, activation=kernel, backend=backend)
             gated = getattr(K, kernel)(module.gate_proj(x), module.up_proj(x), backend=backend)
             return module.down_proj(gated)
 
@@ -73,6 +85,10 @@ class Llama(Architecture):
     @replaces("cross_entropy", "{prefix}ForCausalLM.forward")
     def cross_entropy(self, original):
         return _fused_causal_lm_forward(original, self.backend)
+
+    @replaces("attention", "ALL_ATTENTION_FUNCTIONS")
+    def attention(self, original):
+        return packed_attention(original, self.load_module())
 
 
 def _fused_causal_lm_forward(original, backend):
@@ -121,11 +137,11 @@ def _fused_causal_lm_forward(original, backend):
 
 
 def _trl_output(hidden, weight, labels, softcap, loss_kwargs):
-    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`."""
+    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul."""
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from patchkit.kernels.cross_entropy import linear_cross_entropy_stats
+    from patchkit.kernels.log_probs import linear_log_probs
 
     shift_labels = loss_kwargs.get("shift_labels")
     if shift_labels is None:
@@ -134,9 +150,10 @@ def _trl_output(hidden, weight, labels, softcap, loss_kwargs):
         targets = shift_labels
     targets = targets.to(weight.device)
     mask = targets != -100
-    loss_per_token, entropy, top1 = linear_cross_entropy_stats(hidden.to(weight.device), weight, targets,
-                                                                softcap=softcap)
-    log_probs = -loss_per_token
+    rows = mask.flatten().nonzero().squeeze(1)
+    flat = hidden.to(weight.device).reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    log_probs, entropy, top1 = (torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
+                                for t in linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap))
     num_items = loss_kwargs.get("num_items_in_batch")
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
     return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,

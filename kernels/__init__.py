@@ -8,9 +8,13 @@ from . import _triton, liger
 from ._dispatch import OPS, BackendError, Provider, clear_cache, dispatch, resolve
 from .cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entropy_torch,
                             fused_linear_cross_entropy_triton)
+from .lora import Projection, lora_linear, lora_linear_torch, lora_mlp, lora_mlp_torch
 from .mlp import geglu, geglu_torch, geglu_triton, swiglu, swiglu_torch, swiglu_triton
 from .rms_norm import rms_norm, rms_norm_torch, rms_norm_triton
 from .rope import apply_rope, apply_rope_torch, apply_rope_triton
+
+# matmuls with in-place epilogues: the same composition serves every backend
+COMPOSITE = {"lora_linear": lora_linear_torch, "lora_mlp": lora_mlp_torch}
 
 TORCH = Provider(
     name="torch",
@@ -20,6 +24,7 @@ TORCH = Provider(
         "swiglu": swiglu_torch,
         "geglu": geglu_torch,
         "fused_linear_cross_entropy": fused_linear_cross_entropy_torch,
+        **COMPOSITE,
     },
     devices=None,
     auto_devices=(),
@@ -35,6 +40,7 @@ TRITON = Provider(
         "swiglu": swiglu_triton,
         "geglu": geglu_triton,
         "fused_linear_cross_entropy": fused_linear_cross_entropy_triton,
+        **COMPOSITE,
     },
     devices=("cuda",),
     auto_devices=("cuda",),
@@ -51,6 +57,7 @@ LIGER = Provider(
         "swiglu": liger.swiglu_liger,
         "geglu": liger.geglu_liger,
         "fused_linear_cross_entropy": liger.fused_linear_cross_entropy_liger,
+        **COMPOSITE,
     },
     devices=("cuda",),
     auto_devices=("cuda",),
@@ -60,7 +67,6 @@ LIGER = Provider(
 )
 
 __all__ = [
-    "LIGER", "OPS", "BackendError", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache", "dispatch",
-    "fused_linear_cross_entropy",
-    "geglu", "resolve", "rms_norm", "swiglu",
+    "LIGER", "OPS", "BackendError", "Projection", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache",
+    "dispatch", "fused_linear_cross_entropy", "geglu", "lora_linear", "lora_mlp", "resolve", "rms_norm", "swiglu",
 ]

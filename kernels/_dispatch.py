@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-OPS = ("rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy")
+OPS = ("rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy", "lora_linear", "lora_mlp")
 
 
 class BackendError(RuntimeError):

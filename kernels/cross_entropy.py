@@ -137,33 +137,21 @@ class _PerTokenCE(torch.autograd.Function):
     """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, softcap, with_stats, rows_fn):
+    def forward(ctx, h, weight, targets, ignore_index, softcap, rows_fn):
         keep = targets != ignore_index
         safe = targets.masked_fill(~keep, 0)
         loss = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        lses = torch.empty_like(loss)
-        entropy = torch.zeros_like(loss) if with_stats else None
-        top1 = torch.zeros_like(keep) if with_stats else None
         chunks, buffer = _chunks(h, weight)
         with torch.no_grad():
             for rows in chunks:
-                logits = _logits(h[rows], weight, buffer)
-                if with_stats:
-                    p, lses[rows], loss[rows], top, _ = _softmax(logits, safe[rows], softcap)
-                    entropy[rows] = torch.special.entr(p).sum(-1)
-                    top1[rows] = top == safe[rows]
-                else:
-                    loss[rows], lses[rows], _ = rows_fn(logits, safe[rows], softcap, False)
+                loss[rows] = rows_fn(_logits(h[rows], weight, buffer), safe[rows], softcap, False)[0]
         loss.masked_fill_(~keep, 0)
         ctx.save_for_backward(h, weight, safe, keep)
         ctx.softcap, ctx.rows_fn = softcap, rows_fn
-        if with_stats:
-            ctx.mark_non_differentiable(entropy, top1)
-            return loss, entropy.masked_fill_(~keep, 0), top1 & keep
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, grad_loss):
         h, weight, safe, keep = ctx.saved_tensors
         grad_h, grad_w = _grad_buffers(ctx, h, weight)
         row_grad = grad_loss.float() * keep
@@ -171,7 +159,7 @@ class _PerTokenCE(torch.autograd.Function):
         for rows in chunks:
             _, _, g = ctx.rows_fn(_logits(h[rows], weight, buffer), safe[rows], ctx.softcap, True, row_grad[rows])
             _accumulate(g, h[rows], weight, grad_h, grad_w, rows, 1.0)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def _flatten(hidden, labels, shift_labels, ignore_index):
@@ -189,7 +177,7 @@ def _fused(rows_fn, hidden, weight, labels, *, ignore_index=-100, softcap=None, 
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     h, targets, shape = _flatten(hidden, labels, shift_labels, ignore_index)
     if reduction == "none" and num_items_in_batch is None:
-        return _PerTokenCE.apply(h, weight, targets, ignore_index, softcap, False, rows_fn).view(shape)
+        return _PerTokenCE.apply(h, weight, targets, ignore_index, softcap, rows_fn).view(shape)
     keep = targets != ignore_index
     if not bool(keep.all()):
         index = keep.nonzero().squeeze(1)
@@ -207,16 +195,6 @@ def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-10
                                      num_items_in_batch=None, reduction="mean", shift_labels=None):
     return _fused(_rows_torch, hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
                   num_items_in_batch=num_items_in_batch, reduction=reduction, shift_labels=shift_labels)
-
-
-def linear_cross_entropy_stats(hidden, weight, targets, *, ignore_index=-100, softcap=None):
-    """Per-token loss (differentiable), entropy and whether the target is the top-1 token.
-
-    `targets` are already aligned with `hidden` (shifted). Serves TRL's `fused_lm_head=True` call.
-    """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    loss, entropy, top1 = _PerTokenCE.apply(h, weight, targets.reshape(-1), ignore_index, softcap, True, _rows_torch)
-    return loss.view(targets.shape), entropy.view(targets.shape), top1.view(targets.shape)
 
 
 # --- triton ---------------------------------------------------------------------------------

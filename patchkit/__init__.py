@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from . import patcher
+from . import integrations, patcher
 from .architecture import Architecture, replaces
 from .kernels import BackendError, Provider
 from .patcher import PatchError
@@ -44,6 +44,7 @@ class Patch:
             for name in reversed(self._applied):
                 patcher.restore(name)
             self._applied = []
+            integrations.sync()
 
     def __enter__(self) -> Patch:
         return self
@@ -122,6 +123,7 @@ def patch(target: Any = None, *, backend: str = "auto", **ops: bool) -> Patch:
             for name in reversed(applied):
                 patcher.restore(name)
             raise
+        integrations.sync()
     return Patch([a.name for a in archs], applied, backend)
 
 
@@ -130,6 +132,7 @@ def unpatch(target: Any = None) -> None:
     with patcher.lock:
         for arch in _resolve(target):
             patcher.restore(arch.name)
+        integrations.sync()
 
 
 def patched(target: Any = None, **kwargs: Any) -> Patch:

@@ -35,6 +35,7 @@ class Architecture:
     prefix: ClassVar[str]  # default: name.capitalize()
     config_class: ClassVar[str] = ""  # defaults to f"{prefix}Config" in transformers
     overrides: ClassVar[bool] = False  # replace a registered architecture of the same name
+    shared_ops: ClassVar[tuple[str, ...]] = ()  # ops served by patches all families share (patchkit.integrations)
     tiny_config: ClassVar[dict[str, Any]] = {}  # overrides for the verifier's tiny model
 
     _factories: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
@@ -66,12 +67,13 @@ class Architecture:
         for attr, (op, _) in cls._factories.items():
             if getattr(cls, attr) is not None:
                 seen[op] = None
-        return list(seen)
+        return [*seen, *(op for op in cls.shared_ops if op not in seen)]
 
     @classmethod
     def differences(cls) -> dict[str, Any]:
         """What this class changes relative to its parent: settings it sets and op factories it overrides."""
-        identity = {"name", "model_types", "module", "prefix", "config_class", "tiny_config", "overrides", "_factories"}
+        identity = {"name", "model_types", "module", "prefix", "config_class", "tiny_config", "overrides", "_factories",
+                    "shared_ops"}
         return {k: v for k, v in vars(cls).items() if not k.startswith("__") and k not in identity}
 
     @classmethod

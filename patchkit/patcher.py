@@ -161,8 +161,11 @@ def _restore(record: Applied) -> None:
     record.saved.clear()
 
 
-def apply(arch: Architecture) -> bool:
-    """Patch `arch` (or queue it until its module is imported). Returns False if already so patched."""
+def apply(arch: Architecture, *, check_module: bool = True) -> bool:
+    """Patch `arch` (or queue it until its module is imported). Returns False if already so patched.
+
+    `check_module=False` queues a module that is not imported yet without importing its parent packages
+    (for integrations with optional libraries, whose presence the caller checked)."""
     with lock:
         current = _applied.get(arch.name) or _pending.get(arch.module, {}).get(arch.name)
         if current is not None and current.options == _options(arch):
@@ -171,7 +174,7 @@ def apply(arch: Architecture) -> bool:
             restore(arch.name)
         record = Applied(arch, _options(arch))
         module = sys.modules.get(arch.module)
-        if module is None:
+        if module is None and check_module:
             try:
                 found = importlib.util.find_spec(arch.module) is not None  # imports parent packages only
             except ImportError:
@@ -179,6 +182,7 @@ def apply(arch: Architecture) -> bool:
             if not found:
                 raise PatchError(f"architecture {arch.name!r} names module {arch.module!r}, which transformers "
                                  f"{_transformers_version()} does not have; nothing was changed")
+        if module is None:
             _watch()
             _pending.setdefault(arch.module, {})[arch.name] = record
             log.debug("patchkit: %s will be patched when %s is imported", arch.name, arch.module)
@@ -209,6 +213,12 @@ def restore(name: str) -> bool:
             return False
         _restore(record)
         return True
+
+
+def records() -> list[Applied]:
+    """Every applied or waiting patch."""
+    with lock:
+        return [*_applied.values(), *(r for waiting in _pending.values() for r in waiting.values())]
 
 
 def state(name: str) -> Applied | None:

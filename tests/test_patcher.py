@@ -92,7 +92,7 @@ def test_failing_second_architecture_rolls_back_the_first(register_plugin):
 def test_unknown_target_lists_known_ones():
     with pytest.raises(patchkit.UnknownArchitectureError, match="known architectures and model types: .*llama"):
         patchkit.patch("no-such-model")
-    with pytest.raises(TypeError, match="unknown op.*the ops are cross_entropy, mlp, rms_norm, rope"):
+    with pytest.raises(TypeError, match="unknown op.*the ops are attention, cross_entropy, lora, mlp, rms_norm, rope"):
         patchkit.patch("llama", flash=True)
     with pytest.raises(patchkit.BackendError, match="unknown backend 'gpu'; known backends: auto, torch"):
         patchkit.patch("llama", backend="gpu")

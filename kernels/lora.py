@@ -1,0 +1,138 @@
+"""LoRA projections folded into the fused ops: `y = x W^T + b + s (x A^T) B^T` in one autograd node.
+
+A `Projection` is a linear layer as the kernels see it: the base weight (frozen in LoRA, or
+trainable), an optional bias, and optionally one LoRA adapter (A: r x in, B: out x r, scale s).
+- `lora_linear(x, proj)`: one projection. The adapter's output is added by `addmm_` into the
+  base output (no scaled copy, no sum tensor); saved for backward: `x` and the small `x A^T`.
+- `lora_mlp(x, gate, up, down, activation=...)`: the gated MLP with any of its three projections
+  adapted. Saved: `x`, the gate and up outputs and the small adapter inputs; the activation and
+  the down projection's input are recomputed in backward, where unfused PEFT keeps both.
+Gradients go only where `requires_grad` asks (frozen base weights get none). These are matmuls
+with in-place epilogues, so every backend runs this same composition.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import dispatch
+from .mlp import _gelu_tanh, _gelu_tanh_backward_, _silu_backward_
+
+ACTIVATIONS = {"swiglu": (F.silu, _silu_backward_), "geglu": (_gelu_tanh, _gelu_tanh_backward_)}
+
+
+class Projection(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scaling: float = 1.0
+
+
+def lora_linear(x: torch.Tensor, proj: Projection, *, backend: str = "auto") -> torch.Tensor:
+    return dispatch("lora_linear", backend, x.device)(x, proj)
+
+
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, *, activation: str = "swiglu",
+             backend: str = "auto") -> torch.Tensor:
+    return dispatch("lora_mlp", backend, x.device)(x, gate, up, down, activation=activation)
+
+
+def _forward(x2, p: Projection):
+    """(x W^T + b + s (x A^T) B^T, x A^T)."""
+    y = torch.addmm(p.bias, x2, p.weight.t()) if p.bias is not None else x2 @ p.weight.t()
+    if p.lora_a is None:
+        return y, None
+    xa = x2 @ p.lora_a.t()
+    return y.addmm_(xa, p.lora_b.t(), alpha=p.scaling), xa
+
+
+def _backward(g2, x2, p: Projection, xa, needs, dx=None):
+    """Parameter grads of one projection (weight, bias, A, B), and `dx` accumulated in place if given."""
+    need_w, need_b, need_a, need_b_lora = needs
+    dw = g2.t() @ x2 if need_w else None
+    db = g2.sum(0) if need_b else None
+    da = dbl = None
+    if dx is None:
+        dx = g2 @ p.weight
+    else:
+        dx.addmm_(g2, p.weight)
+    if p.lora_a is not None:
+        gb = g2 @ p.lora_b
+        dbl = (g2.t() @ xa).mul_(p.scaling) if need_b_lora else None
+        gb.mul_(p.scaling)  # the gradient of x A^T
+        da = gb.t() @ x2 if need_a else None
+        dx.addmm_(gb, p.lora_a)
+    return dx, (dw, db, da, dbl)
+
+
+def _flat(p: Projection):
+    return p.weight, p.bias, p.lora_a, p.lora_b
+
+
+def _needs(ctx, start):
+    return ctx.needs_input_grad[start:start + 4]
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        p = Projection(weight, bias, lora_a, lora_b, scaling)
+        x2 = x.reshape(-1, x.shape[-1])
+        y, xa = _forward(x2, p)
+        ctx.save_for_backward(x2, weight, bias, lora_a, lora_b, xa)
+        ctx.scaling, ctx.shape = scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, bias, lora_a, lora_b, xa = ctx.saved_tensors
+        p = Projection(weight, bias, lora_a, lora_b, ctx.scaling)
+        dx, grads = _backward(dy.reshape(-1, dy.shape[-1]), x2, p, xa, _needs(ctx, 1))
+        return (dx.view(ctx.shape) if ctx.needs_input_grad[0] else None), *grads, None
+
+
+class _LoRAMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, activation, scalings, *params):
+        gate_p, up_p, down_p = (Projection(*params[i:i + 4], scalings[i // 4]) for i in (0, 4, 8))
+        act, _ = ACTIVATIONS[activation]
+        x2 = x.reshape(-1, x.shape[-1])
+        gate, xa_gate = _forward(x2, gate_p)
+        up, xa_up = _forward(x2, up_p)
+        out, xa_down = _forward(act(gate).mul_(up), down_p)
+        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, xa_down, *params)
+        ctx.activation, ctx.scalings, ctx.shape = activation, scalings, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, gate, up, xa_gate, xa_up, xa_down, *params = ctx.saved_tensors
+        gate_p, up_p, down_p = (Projection(*params[i:i + 4], ctx.scalings[i // 4]) for i in (0, 4, 8))
+        act, act_backward_ = ACTIVATIONS[ctx.activation]
+        a = act(gate)
+        needs_h = down_p.lora_a is not None or ctx.needs_input_grad[11]
+        h = a * up if needs_h else None  # the down projection's input, recomputed only if a gradient needs it
+        dh, down_grads = _backward(dout.reshape(-1, dout.shape[-1]), h, down_p, xa_down, _needs(ctx, 11))
+        del h
+        dgate = act_backward_(dh * up, gate)
+        dup = a.mul_(dh)
+        del dh
+        dx, gate_grads = _backward(dgate, x2, gate_p, xa_gate, _needs(ctx, 3))
+        dx, up_grads = _backward(dup, x2, up_p, xa_up, _needs(ctx, 7), dx)
+        return (dx.view(ctx.shape) if ctx.needs_input_grad[0] else None), None, None, *gate_grads, *up_grads, \
+            *down_grads
+
+
+def lora_linear_torch(x, proj):
+    return _LoRALinear.apply(x, *_flat(proj), proj.scaling)
+
+
+def lora_mlp_torch(x, gate, up, down, *, activation="swiglu"):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    return _LoRAMLP.apply(x, activation, (gate.scaling, up.scaling, down.scaling), *_flat(gate), *_flat(up),
+                          *_flat(down))

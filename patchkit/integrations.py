@@ -1,0 +1,149 @@
+"""Patches of libraries that every architecture shares: PEFT's LoRA layer and TRL's fused LM head.
+
+They are declared like architectures, so the patcher applies and restores them the same way
+(exact restore, patching at import time, signature-drift checks), but they are not registered
+as architectures: `patch()` applies one with the first patched architecture that enables its op
+and restores it with the last (`sync`). Each replacement decides per call and hands anything it
+does not serve to the original, so models of unpatched families are untouched in effect.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import types
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from . import kernels as K
+from . import patcher
+from .architecture import Architecture, replaces
+
+log = logging.getLogger("patchkit")
+
+
+class Integration(Architecture):
+    package: ClassVar[str]  # the distribution's top-level package; without it the integration is skipped
+
+
+def lora_projection(layer: nn.Module, x) -> K.Projection | None:
+    """A plain `nn.Linear` or a PEFT `lora.Linear` as the fused ops see it, or None where PEFT's own forward
+    must run: dropout active in training, a LoRA variant (DoRA), a bias on B, several active adapters, a
+    merged-and-disabled layer, a quantized or transposed base layer, mixed dtypes or autocast."""
+    if type(layer) is nn.Linear:
+        return K.Projection(layer.weight, layer.bias)
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False) or x.dtype != base.weight.dtype:
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    if layer.merged or layer.disable_adapters:
+        return None if layer.merged and layer.disable_adapters else K.Projection(base.weight, base.bias)
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not active:
+        return K.Projection(base.weight, base.bias)
+    if len(active) > 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None or a.weight.dtype != x.dtype:
+        return None
+    if not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0:
+        return None
+    return K.Projection(base.weight, base.bias, a.weight, b.weight, float(layer.scaling[name]))
+
+
+class PeftLora(Integration):
+    name = "peft.lora"
+    package = "peft"
+    module = "peft.tuners.lora.layer"
+    prefix = ""
+
+    @replaces("lora", "Linear.forward")
+    def lora(self, original):
+        backend = self.backend
+
+        def forward(module, x, *args, **kwargs):
+            proj = None if args or kwargs else lora_projection(module, x)
+            if proj is None or proj.lora_a is None:
+                return original(module, x, *args, **kwargs)
+            return K.lora_linear(x, proj, backend=backend)
+
+        return forward
+
+
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def _serves_fused_head(model, temperature, cast_lm_head_to_fp32, outputs) -> bool:
+    """Whether patchkit's causal-LM forward computes what TRL's head would for this model and these options."""
+    text = model.config.get_text_config()
+    head = model.get_output_embeddings()
+    return (temperature == 1.0 and not cast_lm_head_to_fp32 and set(outputs) <= {"log_probs", "entropy", "is_top1"}
+            and all(getattr(text, k, None) is None for k in _LOGIT_SCALES)
+            and not getattr(text, "output_router_logits", False)
+            and type(head) is nn.Linear and head.bias is None)
+
+
+def _patched_head(cls) -> bool:
+    mark = getattr(cls.forward, "__patchkit__", None)
+    return bool(mark) and mark[1] == "cross_entropy"
+
+
+class TrlFusedHead(Integration):
+    name = "trl.fused_lm_head"
+    package = "trl"
+    module = "trl.trainer.sft_trainer"
+    prefix = ""
+
+    @replaces("cross_entropy", "add_fused_lm_head")
+    def fused_head(self, original):
+        def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                              outputs: tuple[str, ...] = ("log_probs",)):
+            original(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
+            if not _serves_fused_head(model, temperature, cast_lm_head_to_fp32, outputs):
+                return
+            trl_forward = model.forward
+
+            # TRL's head stays for when the class is unpatched; while it is patched, patchkit's forward answers
+            # `fused_lm_head=True` (ignored tokens skip the matmul, backward needs no vocabulary matmul) and every
+            # other call goes to the class's forward of the moment, so unpatching takes effect here too.
+            @functools.wraps(type(model).forward)
+            def forward(self, *args, **kwargs):
+                if kwargs.get("fused_lm_head") and not _patched_head(type(self)):
+                    return trl_forward(*args, **kwargs)
+                return type(self).forward(self, *args, **kwargs)
+
+            model.forward = types.MethodType(forward, model)
+            log.info("patchkit: %s answers TRL's fused LM head", type(model).__name__)
+
+        return add_fused_lm_head
+
+
+INTEGRATIONS: tuple[type[Integration], ...] = (PeftLora, TrlFusedHead)
+
+
+def sync() -> None:
+    """Apply each integration that some patched architecture needs; restore those none needs."""
+    with patcher.lock:
+        live = [record.arch for record in patcher.records() if not isinstance(record.arch, Integration)]
+        for cls in INTEGRATIONS:
+            (op,) = cls.ops()
+            wanted = any(arch.enabled.get(op) for arch in live)
+            if wanted and patcher.state(cls.name) is None and importlib.util.find_spec(cls.package) is not None:
+                try:
+                    patcher.apply(cls(), check_module=False)
+                except patcher.PatchError as err:  # the architectures' own patches stand without it
+                    log.warning("patchkit: %s left unpatched: %s", cls.name, err)
+            elif not wanted and patcher.state(cls.name) is not None:
+                patcher.restore(cls.name)
+
+
+def applied() -> list[str]:
+    return [cls.name for cls in INTEGRATIONS if patcher.state(cls.name) is not None]
+
+
+__all__ = ["INTEGRATIONS", "PeftLora", "TrlFusedHead", "lora_projection", "sync"]
