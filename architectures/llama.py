@@ -128,8 +128,9 @@ def _fused_causal_lm_forward(original, backend):
         hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
         loss = K.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, backend=backend,
                                             **loss_kwargs)
-        out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"  # 5.24 renamed it
+        out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions, **{cache: getattr(outputs, cache)})
         use_tuple = return_dict is False or (return_dict is None and not self.config.return_dict)
         return out.to_tuple() if use_tuple else out
 
@@ -152,8 +153,12 @@ def _trl_output(hidden, weight, labels, softcap, loss_kwargs):
     mask = targets != -100
     rows = mask.flatten().nonzero().squeeze(1)
     flat = hidden.to(weight.device).reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype  # as TRL does
+    with torch.autocast(device, enabled=False):
+        per_token = linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap, compute_dtype=dtype)
     log_probs, entropy, top1 = (torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
-                                for t in linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap))
+                                for t in per_token)
     num_items = loss_kwargs.get("num_items_in_batch")
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
     return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,

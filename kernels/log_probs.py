@@ -20,9 +20,13 @@ from .cross_entropy import _chunks, _logits, _softmax
 
 
 def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log_probs, entropy, is_top1) per row of `hidden` (rows x hidden), for `targets` (rows,), in float32."""
-    return _LogProbs.apply(hidden, weight, targets, softcap)
+                     softcap: float | None = None, compute_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log_probs, entropy, is_top1) per row of `hidden` (rows x hidden), for `targets` (rows,), in float32.
+
+    The matmuls run in `compute_dtype` (default: the weight's; TRL passes autocast's dtype), the
+    softmax and the accumulated weight gradient in float32."""
+    return _LogProbs.apply(hidden, weight, targets, softcap, compute_dtype or weight.dtype)
 
 
 def _unit_grads(p, targets, dcap):
@@ -33,8 +37,9 @@ def _unit_grads(p, targets, dcap):
 
 class _LogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap):
+    def forward(ctx, h, weight, targets, softcap, compute_dtype):
         ctx.set_materialize_grads(False)
+        w = weight.to(compute_dtype)
         n = h.shape[0]
         log_probs = torch.empty(n, dtype=torch.float32, device=h.device)
         lse, entropy = torch.empty_like(log_probs), torch.empty_like(log_probs)
@@ -42,20 +47,20 @@ class _LogProbs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         unit_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         unit_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        chunks, buffer = _chunks(h, weight)
+        chunks, buffer = _chunks(h, w)
         for rows in chunks:
-            p, lse[rows], loss, top, dcap = _softmax(_logits(h[rows], weight, buffer), targets[rows], softcap)
+            p, lse[rows], loss, top, dcap = _softmax(_logits(h[rows], w, buffer), targets[rows], softcap)
             log_probs[rows] = loss.neg_()
             entropy[rows] = torch.special.entr(p).sum(-1)
             top1[rows] = top == targets[rows]
             if need_h or need_w:
-                g = _unit_grads(p, targets[rows], dcap).to(weight.dtype)
+                g = _unit_grads(p, targets[rows], dcap).to(w.dtype)
                 if need_h:
-                    unit_h[rows] = g @ weight
+                    unit_h[rows] = g @ w
                 if need_w:
                     unit_w.addmm_(g.t().to(unit_w.dtype), h[rows].to(unit_w.dtype))
         ctx.save_for_backward(h, weight, targets, lse, entropy, unit_h, unit_w)
-        ctx.softcap = softcap
+        ctx.softcap, ctx.compute_dtype = softcap, compute_dtype
         ctx.mark_non_differentiable(top1)
         return log_probs, entropy, top1
 
@@ -63,9 +68,9 @@ class _LogProbs(torch.autograd.Function):
     def backward(ctx, grad_log_probs, grad_entropy, _):
         h, weight, targets, lse, entropy, unit_h, unit_w = ctx.saved_tensors
         if grad_log_probs is None and grad_entropy is None:
-            return None, None, None, None
+            return None, None, None, None, None
         if grad_entropy is not None and bool(grad_entropy.any()):
-            return (*_recompute(ctx, grad_log_probs, grad_entropy), None, None)
+            return (*_recompute(ctx, grad_log_probs, grad_entropy), None, None, None)
         factor = -grad_log_probs.float()  # d log p = -d(-log p)
         grad_h = grad_w = None
         if unit_h is not None:
@@ -75,7 +80,7 @@ class _LogProbs(torch.autograd.Function):
                 grad_w = (unit_w * factor[0]).to(weight.dtype)
             else:
                 grad_w = _recompute(ctx, grad_log_probs, None, hidden=False)[1]
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def _recompute(ctx, grad_log_probs, grad_entropy, hidden=True):
@@ -84,9 +89,10 @@ def _recompute(ctx, grad_log_probs, grad_entropy, hidden=True):
     need_h, need_w = hidden and ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    chunks, buffer = _chunks(h, weight)
+    w = weight.to(ctx.compute_dtype)
+    chunks, buffer = _chunks(h, w)
     for rows in chunks:
-        z = _logits(h[rows], weight, buffer).float()
+        z = _logits(h[rows], w, buffer).float()
         dcap = None
         if ctx.softcap:
             t = torch.tanh(z / ctx.softcap)
@@ -99,9 +105,9 @@ def _recompute(ctx, grad_log_probs, grad_entropy, hidden=True):
             g -= grad_entropy[rows].float()[:, None] * p * (z - lse[rows, None] + entropy[rows, None])
         if dcap is not None:
             g *= dcap
-        g = g.to(weight.dtype)
+        g = g.to(w.dtype)
         if need_h:
-            grad_h[rows] = g.float() @ weight.float() if weight.dtype != torch.float32 else g @ weight
+            grad_h[rows] = g @ w
         if need_w:
             grad_w.addmm_(g.t().float(), h[rows].float())
     return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype))

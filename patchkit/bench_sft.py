@@ -28,10 +28,8 @@ def _model(state, lora: bool):
 
     config = LlamaConfig(**MODEL)
     config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.load_state_dict(state, assign=True)
-    model.model.rotary_emb.inv_freq = model.model.rotary_emb.original_inv_freq.clone()
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state)
     if not lora:
         return model
     from peft import LoraConfig, get_peft_model
@@ -91,7 +89,8 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                     args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1,
                                      per_device_train_batch_size=batch, packing=True, max_length=seq,
                                      learning_rate=1e-4, logging_steps=1, report_to="none", save_strategy="no",
-                                     use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                                     use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
+                                     disable_tqdm=True)
                     trainer = SFTTrainer(model=_model(state, scenario == "lora"), args=args, train_dataset=data,
                                          processing_class=tokenizer, callbacks=[_Timer(record)])
                     trainer.train()
