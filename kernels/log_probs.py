@@ -51,12 +51,19 @@ class _LogProbs(torch.autograd.Function):
         for rows in chunks:
             p, lse[rows], loss, top, dcap = _softmax(_logits(h[rows], w, buffer), targets[rows], softcap)
             log_probs[rows] = loss.neg_()
-            entropy[rows] = torch.special.entr(p).sum(-1)
             top1[rows] = top == targets[rows]
+            # entropy = lse - sum(p z), and sum(p z) = h . (p W), a by-product of the hidden gradient's matmul:
+            # no pass over the vocabulary for it (softcapped or half-precision logits take the direct way)
+            by_product = need_h and not softcap and w.dtype == torch.float32
+            if not by_product:
+                entropy[rows] = torch.special.entr(p).sum(-1)
             if need_h or need_w:
                 g = _unit_grads(p, targets[rows], dcap).to(w.dtype)
                 if need_h:
                     unit_h[rows] = g @ w
+                if by_product:  # (p - onehot) W + W[target] = p W
+                    pw = unit_h[rows] + w.index_select(0, targets[rows])
+                    entropy[rows] = lse[rows] - (pw * h[rows].float()).sum(-1)
                 if need_w:
                     unit_w.addmm_(g.t().to(unit_w.dtype), h[rows].to(unit_w.dtype))
         ctx.save_for_backward(h, weight, targets, lse, entropy, unit_h, unit_w)

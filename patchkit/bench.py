@@ -133,12 +133,13 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchkit bench")
-    parser.add_argument("scenario", choices=["train", "kernels"])
+    parser.add_argument("scenario", choices=["train", "sft", "kernels"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=TRAIN["vocab_size"])
     parser.add_argument("--rounds", type=int, default=4, help="alternations of unpatched and patched")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--only", choices=["lora", "full"], help="sft: one fine-tuning scenario")
     parser.add_argument("--device", help="kernels: cuda or cpu (default: cuda if there is one)")
     parser.add_argument("--dtype", help="kernels: float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--json", help="also write the summary as JSON to this path")
@@ -148,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = bench_kernels.run(args.device, args.dtype, reps=args.rounds)
         print(bench_kernels.report(summary))
+    elif args.scenario == "sft":
+        from patchkit import bench_sft
+
+        summary = bench_sft.run(steps=args.steps, rounds=args.rounds, batch=args.batch, seq=args.seq,
+                                scenarios=(args.only,) if args.only else ("lora", "full"),
+                                progress=lambda line: print(" ", line, file=sys.stderr))
+        print(bench_sft.report(summary))
     else:
         summary = train(args)
         print(report(summary))

@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from transformers import TrainerCallback
 
 import patchkit
 
@@ -38,8 +39,8 @@ def _model(state, lora: bool):
                                             task_type="CAUSAL_LM"))
 
 
-class _Timer:
-    """A `TrainerCallback` recording each step's seconds and peak resident memory (after a warm-up step)."""
+class _Timer(TrainerCallback):
+    """Records each step's seconds and peak resident memory (after a warm-up step)."""
 
     def __init__(self, record):
         self.record, self.start = record, None
@@ -56,11 +57,6 @@ class _Timer:
         if state.global_step > 1:
             self.record["s"].append(time.perf_counter() - self.start)
             self.record["peak"].append(_status("VmHWM"))
-
-    def __getattr__(self, name):  # every other callback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
 
 
 def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenarios=("lora", "full"),
@@ -88,18 +84,19 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                 with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
                     args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1,
                                      per_device_train_batch_size=batch, packing=True, max_length=seq,
-                                     learning_rate=1e-4, logging_steps=1, report_to="none", save_strategy="no",
+                                     learning_rate=1e-4, logging_strategy="no", report_to="none", save_strategy="no",
                                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
                                      disable_tqdm=True)
                     trainer = SFTTrainer(model=_model(state, scenario == "lora"), args=args, train_dataset=data,
                                          processing_class=tokenizer, callbacks=[_Timer(record)])
+                    collate = trainer.data_collator
+                    trainer.data_collator = lambda rows, _c=collate, _r=record: _count(_c(rows), _r)
                     trainer.train()
-                    record["tokens"].append(trainer.state.num_input_tokens_seen or 0)
                     del trainer
                 if progress:
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
-        summary[scenario] = _summarise(results, batch * seq, matmul_params, config, seq, scenario == "lora")
+        summary[scenario] = _summarise(results, matmul_params, config, seq, scenario == "lora")
     summary["matmul_gflops"] = _matmul_flops() / 1e9
     for scenario in scenarios:
         for variant in ("unpatched", "patched"):
@@ -108,13 +105,18 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     return summary
 
 
-def _summarise(results, tokens, matmul_params, config, seq, lora):
+def _count(batch, record):
+    record["tokens"].append(batch["input_ids"].numel())
+    return batch
+
+
+def _summarise(results, matmul_params, config, seq, lora):
     # LoRA: no weight gradients for frozen matmuls, so forward + input gradients = 4 FLOPs per parameter-token
     per_token = (4 if lora else 6) * matmul_params + 6 * config.num_hidden_layers * seq * config.hidden_size
     out = {}
     for variant, r in results.items():
-        s = statistics.median(r["s"])
-        out[variant] = {"s_per_step": s, "steps_per_s": 1 / s, "tokens_per_s": tokens / s,
+        s, tokens = statistics.median(r["s"]), statistics.mean(r["tokens"])
+        out[variant] = {"s_per_step": s, "steps_per_s": 1 / s, "tokens_per_step": tokens, "tokens_per_s": tokens / s,
                         "flops_per_s": per_token * tokens / s, "peak_gib": statistics.median(r["peak"]) / 2**30}
     out["speedup"] = out["patched"]["steps_per_s"] / out["unpatched"]["steps_per_s"]
     out["memory_ratio"] = out["patched"]["peak_gib"] / out["unpatched"]["peak_gib"]
