@@ -1,14 +1,16 @@
 """LoRA projections folded into the fused ops: `y = x W^T + b + s (x A^T) B^T` in one autograd node.
 
 A `Projection` is a linear layer as the kernels see it: the base weight (frozen in LoRA, or
-trainable), an optional bias, and optionally one LoRA adapter (A: r x in, B: out x r, scale s).
+trainable), an optional bias, and optionally one LoRA adapter (A: r x in, B: out x r, scale s),
+which may be kept in float32 over a half-precision base, as PEFT does by default.
 - `lora_linear(x, proj)`: one projection. The adapter's output is added by `addmm_` into the
   base output (no scaled copy, no sum tensor); saved for backward: `x` and the small `x A^T`.
 - `lora_mlp(x, gate, up, down, activation=...)`: the gated MLP with any of its three projections
   adapted. Saved: `x`, the gate and up outputs and the small adapter inputs; the activation and
   the down projection's input are recomputed in backward, where unfused PEFT keeps both.
-Gradients go only where `requires_grad` asks (frozen base weights get none). These are matmuls
-with in-place epilogues, so every backend runs this same composition.
+Gradients go only where `requires_grad` asks (frozen base weights get none). Under autocast the
+inputs are cast to its dtype first, as `F.linear` would be. These are matmuls with in-place
+epilogues, so every backend runs this same composition.
 """
 
 from __future__ import annotations
@@ -33,12 +35,25 @@ class Projection(NamedTuple):
 
 
 def lora_linear(x: torch.Tensor, proj: Projection, *, backend: str = "auto") -> torch.Tensor:
-    return dispatch("lora_linear", backend, x.device)(x, proj)
+    fn = dispatch("lora_linear", backend, x.device)
+    return _autocast(lambda x, proj: fn(x, proj), x, proj)
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, *, activation: str = "swiglu",
              backend: str = "auto") -> torch.Tensor:
-    return dispatch("lora_mlp", backend, x.device)(x, gate, up, down, activation=activation)
+    fn = dispatch("lora_mlp", backend, x.device)
+    return _autocast(lambda x, *p: fn(x, *p, activation=activation), x, gate, up, down)
+
+
+def _autocast(fn, x, *projections):
+    """Under autocast, run in its dtype as `F.linear` would (casts are differentiable; master weights stay)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return fn(x, *projections)
+    dtype = torch.get_autocast_dtype(device)
+    cast = [Projection(*(t if t is None else t.to(dtype) for t in p[:4]), p.scaling) for p in projections]
+    with torch.autocast(device, enabled=False):
+        return fn(x.to(dtype), *cast)
 
 
 def _forward(x2, p: Projection):
@@ -46,8 +61,10 @@ def _forward(x2, p: Projection):
     y = torch.addmm(p.bias, x2, p.weight.t()) if p.bias is not None else x2 @ p.weight.t()
     if p.lora_a is None:
         return y, None
-    xa = x2 @ p.lora_a.t()
-    return y.addmm_(xa, p.lora_b.t(), alpha=p.scaling), xa
+    xa = x2.to(p.lora_a.dtype) @ p.lora_a.t()
+    if p.lora_a.dtype == y.dtype:
+        return y.addmm_(xa, p.lora_b.t(), alpha=p.scaling), xa
+    return y.add_((xa @ p.lora_b.t()).mul_(p.scaling)), xa  # adapters kept in float32 over a half-precision base
 
 
 def _backward(g2, x2, p: Projection, xa, needs, dx=None):
@@ -61,11 +78,12 @@ def _backward(g2, x2, p: Projection, xa, needs, dx=None):
     else:
         dx.addmm_(g2, p.weight)
     if p.lora_a is not None:
+        g2 = g2.to(p.lora_a.dtype)
         gb = g2 @ p.lora_b
         dbl = (g2.t() @ xa).mul_(p.scaling) if need_b_lora else None
         gb.mul_(p.scaling)  # the gradient of x A^T
-        da = gb.t() @ x2 if need_a else None
-        dx.addmm_(gb, p.lora_a)
+        da = gb.t() @ x2.to(gb.dtype) if need_a else None
+        dx.addmm_(gb, p.lora_a) if gb.dtype == dx.dtype else dx.add_(gb @ p.lora_a)
     return dx, (dw, db, da, dbl)
 
 

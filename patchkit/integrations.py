@@ -32,13 +32,13 @@ class Integration(Architecture):
 def lora_projection(layer: nn.Module, x) -> K.Projection | None:
     """A plain `nn.Linear` or a PEFT `lora.Linear` as the fused ops see it, or None where PEFT's own forward
     must run: dropout active in training, a LoRA variant (DoRA), a bias on B, several active adapters, a
-    merged-and-disabled layer, a quantized or transposed base layer, mixed dtypes or autocast."""
+    merged-and-disabled layer, a quantized or transposed base layer, mixed dtypes outside autocast."""
     if type(layer) is nn.Linear:
         return K.Projection(layer.weight, layer.bias)
     base = getattr(layer, "base_layer", None)
-    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False) or x.dtype != base.weight.dtype:
+    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return None
     if layer.merged or layer.disable_adapters:
         return None if layer.merged and layer.disable_adapters else K.Projection(base.weight, base.bias)
@@ -49,7 +49,7 @@ def lora_projection(layer: nn.Module, x) -> K.Projection | None:
         return None
     name = active[0]
     a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None or a.weight.dtype != x.dtype:
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None or a.weight.dtype != b.weight.dtype:
         return None
     if not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0:
         return None

@@ -41,10 +41,11 @@ def word_tokenizer(vocab_size: int):
 
 
 def chat_tokenizer():
-    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Regex, decoders, pre_tokenizers
 
     tok = _fast(SPECIALS + CHARS, pre_tokenizers.Split(Regex("."), "isolated"), eos_token="<|end|>",
                 additional_special_tokens=SPECIALS[3:])
+    tok.backend_tokenizer.decoder = decoders.Fuse()  # characters back to text without spaces between them
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

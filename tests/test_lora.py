@@ -167,6 +167,51 @@ def test_fallbacks_match_peft(case, monkeypatch):
     assert calls == expected
 
 
+def test_autocast_bf16(monkeypatch):
+    """Mixed precision (fp32 weights, bf16 autocast, TRL's CPU default): fused, and as close to fp32 as PEFT."""
+    from patchkit.architectures import Llama
+
+    model = _peft(Llama)
+    batch = tiny_batch(model.config.vocab_size)
+    exact_loss, exact = _train_step(model, batch)
+    runs = {}
+    for variant in ("unpatched", "patched"):
+        with torch.autocast("cpu", dtype=torch.bfloat16), _count(monkeypatch) as calls, \
+                patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
+            runs[variant] = _train_step(model, batch)
+        assert calls["lora_mlp"] == (2 if variant == "patched" else 0)
+    def err(run):  # over all LoRA gradients: per tensor, bf16 noise on a tiny model is too random to rank
+        return sum((run[1][n] - g).square().sum() for n, g in exact.items()).sqrt().item()
+
+    assert err(runs["patched"]) <= 2 * err(runs["unpatched"])
+    assert abs(runs["patched"][0] - exact_loss) <= 2 * abs(runs["unpatched"][0] - exact_loss) + 2 ** -8
+
+
+def test_half_precision_base_with_float32_adapters(monkeypatch):
+    """PEFT's default on a bf16 model: adapters in float32. Fused, and as close to float64 as PEFT is."""
+    from patchkit.architectures import Llama
+
+    model = _peft(Llama)
+    batch = tiny_batch(model.config.vocab_size)
+    exact_loss, exact = _train_step(model.double(), batch)
+    model.float()
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") or name.endswith(("norm", "embed_tokens", "lm_head")):
+            getattr(module, "base_layer", module).to(torch.bfloat16)
+    assert model.base_model.model.model.layers[0].mlp.up_proj.lora_A.default.weight.dtype == torch.float32
+    runs = {}
+    for variant in ("unpatched", "patched"):
+        with _count(monkeypatch) as calls, \
+                patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
+            runs[variant] = _train_step(model, batch)
+        assert calls["lora_mlp"] == (2 if variant == "patched" else 0)
+
+    def err(run):
+        return sum((run[1][n].double() - g).square().sum() for n, g in exact.items()).sqrt().item()
+
+    assert err(runs["patched"]) <= 2 * err(runs["unpatched"])
+
+
 def test_merged_and_disabled_adapters(monkeypatch):
     from patchkit.architectures import Llama
 

@@ -100,7 +100,8 @@ def test_sft_trainer_runs_patched(tmp_path):
         model = tiny_model(Llama)
         args = SFTConfig(output_dir=str(tmp_path / variant), max_steps=3, per_device_train_batch_size=4,
                          learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
-                         use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                         use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
+                         disable_tqdm=True)
         with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
             trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=_tokenizer(211))
