@@ -96,6 +96,8 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                 if progress:
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
+        if "attention" not in summary:
+            summary["attention"] = attention_profile(state, results["unpatched"]["batch"])
         summary[scenario] = _summarise(results, matmul_params, config, seq, scenario == "lora")
     summary["matmul_gflops"] = _matmul_flops() / 1e9
     for scenario in scenarios:
@@ -105,8 +107,29 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     return summary
 
 
+def attention_profile(state, batch, rounds: int = 5) -> dict:
+    """The backbone's forward+backward on one packed batch of the benchmark, with only the `attention` op
+    switched: what per-document attention changes, apart from every other op."""
+    model = _model(state, lora=False).train()
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
+    only_attention = {op: op == "attention" for op in ("rms_norm", "rope", "mlp", "cross_entropy", "attention", "lora")}
+    times = {"unpatched": [], "patched": []}
+    for round_ in range(rounds + 1):
+        for variant in ("unpatched", "patched") if round_ % 2 else ("patched", "unpatched"):
+            with patchkit.patched("llama", **only_attention) if variant == "patched" else contextlib.nullcontext():
+                start = time.perf_counter()
+                model.model(**inputs, use_cache=False).last_hidden_state.sum().backward()
+                if round_:  # the first round warms up
+                    times[variant].append(time.perf_counter() - start)
+    documents = int((batch["position_ids"] == 0).sum())
+    out = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    return {"tokens": batch["input_ids"].numel(), "documents": documents, "unpatched_ms": out["unpatched"],
+            "patched_ms": out["patched"], "speedup": out["unpatched"] / out["patched"]}
+
+
 def _count(batch, record):
     record["tokens"].append(batch["input_ids"].numel())
+    record["batch"] = batch
     return batch
 
 
@@ -115,6 +138,7 @@ def _summarise(results, matmul_params, config, seq, lora):
     per_token = (4 if lora else 6) * matmul_params + 6 * config.num_hidden_layers * seq * config.hidden_size
     out = {}
     for variant, r in results.items():
+        r.pop("batch", None)
         s, tokens = statistics.median(r["s"]), statistics.mean(r["tokens"])
         out[variant] = {"s_per_step": s, "steps_per_s": 1 / s, "tokens_per_step": tokens, "tokens_per_s": tokens / s,
                         "flops_per_s": per_token * tokens / s, "peak_gib": statistics.median(r["peak"]) / 2**30}
@@ -136,6 +160,11 @@ def report(summary: dict) -> str:
                   f"| {scenario}: MFU vs measured matmul | {u['mfu']:.0%} | {p['mfu']:.0%} | {r['speedup']:.2f}x |",
                   f"| {scenario}: peak RSS during a step (GiB) | {u['peak_gib']:.2f} | {p['peak_gib']:.2f} | "
                   f"{r['memory_ratio']:.2f}x |"]
+    if "attention" in summary:
+        a = summary["attention"]
+        lines.append(f"| backbone fwd+bwd, packed row of {a['tokens']} tokens in {a['documents']} documents, only "
+                     f"`attention` switched (ms) | {a['unpatched_ms']:.0f} | {a['patched_ms']:.0f} | "
+                     f"{a['patched_ms'] / a['unpatched_ms']:.2f}x |")
     lines.append(f"\nmatmul measured in the same run: {summary['matmul_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
