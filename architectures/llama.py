@@ -128,7 +128,8 @@ def _fused_causal_lm_forward(original, backend):
         hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
         loss = K.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, backend=backend,
                                             **loss_kwargs)
-        cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"  # 5.24 renamed it
+        # transformers 5.24 renamed `past_key_values` to `cache`
+        cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                      attentions=outputs.attentions, **{cache: getattr(outputs, cache)})
         use_tuple = return_dict is False or (return_dict is None and not self.config.return_dict)

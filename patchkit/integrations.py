@@ -28,6 +28,10 @@ log = logging.getLogger("patchkit")
 class Integration(Architecture):
     package: ClassVar[str]  # the distribution's top-level package; without it the integration is skipped
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.prefix = ""  # paths name the library's own objects
+
 
 def lora_projection(layer: nn.Module, x) -> K.Projection | None:
     """A plain `nn.Linear` or a PEFT `lora.Linear` as the fused ops see it, or None where PEFT's own forward
@@ -60,7 +64,6 @@ class PeftLora(Integration):
     name = "peft.lora"
     package = "peft"
     module = "peft.tuners.lora.layer"
-    prefix = ""
 
     @replaces("lora", "Linear.forward")
     def lora(self, original):
@@ -97,7 +100,6 @@ class TrlFusedHead(Integration):
     name = "trl.fused_lm_head"
     package = "trl"
     module = "trl.trainer.sft_trainer"
-    prefix = ""
 
     @replaces("cross_entropy", "add_fused_lm_head")
     def fused_head(self, original):

@@ -73,5 +73,5 @@ def documents(n: int, vocab_size: int, max_len: int, *, seed: int = 0, min_len: 
     from datasets import Dataset
 
     rng = random.Random(seed)
-    return Dataset.from_list([{"input_ids": [rng.randrange(3, vocab_size) for _ in range(rng.randint(min_len, max_len))]}
-                              for _ in range(n)])
+    lengths = [rng.randint(min_len, max_len) for _ in range(n)]
+    return Dataset.from_list([{"input_ids": [rng.randrange(3, vocab_size) for _ in range(k)]} for k in lengths])
