@@ -52,7 +52,7 @@ def test_parity_odd_sizes(arch):
 
 
 @ARCHS
-@pytest.mark.parametrize("op", ["rms_norm", "rope", "mlp", "cross_entropy"])
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "mlp", "cross_entropy", "attention"])
 def test_each_op_alone(arch, op):
     model = tiny_model(arch)
     others = {o: o == op for o in arch.ops()}
