@@ -6,10 +6,11 @@
   embedding scale stays in `GemmaTextScaledWordEmbedding`, untouched.
 - Gemma 2: final-logit soft-capping, which the inherited causal-LM forward reads from the
   config and applies inside the fused cross-entropy; attention soft-capping and the alternating
-  sliding-window layers stay in transformers' attention.
+  sliding-window layers stay in transformers' attention. Its decoder layer norms the attention
+  and MLP outputs too, which its decode step restates.
 - Gemma 3 (text): Gemma 2 plus q/k norms, which are `Gemma3RMSNorm` modules and so go through
   the patched norm; one rotary module with per-layer-type buffers, whose outputs feed the same
-  `apply_rotary_pos_emb`.
+  `apply_rotary_pos_emb` (the decode step asks it once per layer type).
 """
 
 from typing import ClassVar
@@ -31,6 +32,11 @@ class Gemma2(Gemma):
     tiny_config: ClassVar[dict] = {"sliding_window": 8, "final_logit_softcapping": 0.5,
                                    "attn_logit_softcapping": 5.0}
 
+    def decode_layer(self, layer, h, rope, state, i):  # main diff with Llama: attention and MLP outputs normed too
+        attended = self.decode_attention(layer.self_attn, layer.input_layernorm(h), rope, state, i)
+        h = h + layer.post_attention_layernorm(attended)
+        return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+
 
 class Gemma3Text(Gemma2):
     name = "gemma3_text"
@@ -40,3 +46,8 @@ class Gemma3Text(Gemma2):
     config_class = "Gemma3TextConfig"
     tiny_config: ClassVar[dict] = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
                                    "final_logit_softcapping": 0.5}
+
+    def decode_rope(self, backbone, h, position):  # main diff with Gemma 2: one rotary table per layer type
+        types = backbone.config.layer_types
+        tables = {kind: backbone.rotary_emb(h, position, kind) for kind in set(types)}
+        return lambda i: tables[types[i]]

@@ -16,8 +16,10 @@ Ops and what they replace in `transformers.models.llama.modeling_llama`:
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from patchkit import kernels as K
@@ -89,6 +91,54 @@ class Llama(Architecture):
     @replaces("attention", "ALL_ATTENTION_FUNCTIONS")
     def attention(self, original):
         return packed_attention(original, self.load_module())
+
+    # --- inference: one token per step over a pre-allocated cache (patchkit.inference) -------------------
+
+    def decode(self, lm, tokens, position, state):
+        """Logits (batch, vocab) for the token after `tokens` (batch, 1) at `position` (batch, 1)."""
+        backbone = lm.base_model
+        h = backbone.embed_tokens(tokens)
+        rope = self.decode_rope(backbone, h, position)
+        for i, layer in enumerate(backbone.layers[: backbone.config.num_hidden_layers]):
+            h = self.decode_layer(layer, h, rope(i), state, i)
+        logits = lm.get_output_embeddings()(backbone.norm(h)[:, -1])
+        softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    def decode_rope(self, backbone, h, position):
+        """(cos, sin) of layer i, as a function of i: one rotary table for every layer."""
+        cos_sin = backbone.rotary_emb(h, position)
+        return lambda i: cos_sin
+
+    def decode_layer(self, layer, h, rope, state, i):
+        h = h + self.decode_attention(layer.self_attn, layer.input_layernorm(h), rope, state, i)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def decode_window(self, attn) -> int | None:
+        """The sliding window of this attention layer, or None."""
+        return getattr(attn, "sliding_window", None)
+
+    def decode_attention(self, attn, x, rope, state, i):
+        """q/k/v, q/k norms where the layer has them, RoPE (the key rotated straight into its cache slot), the
+        model's own attention function over cache views, o_proj."""
+        batch, heads = x.shape[0], (-1, attn.head_dim)
+        q = attn.q_proj(x).view(batch, 1, *heads).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, 1, *heads).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = (t.unsqueeze(1) for t in rope)
+        slot = slice(state.length, state.length + 1)
+        q = K.rope_into(q, cos, sin)
+        K.rope_into(k, cos, sin, out=state.keys[i][:, :, slot])
+        state.values[i][:, :, slot] = attn.v_proj(x).view(batch, 1, *heads).transpose(1, 2)
+        keys, values, mask = state.window(i, self.decode_window(attn))
+        module = sys.modules[type(attn).__module__]
+        function = module.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                                 module.eager_attention_forward)
+        softcap = getattr(attn, "attn_logit_softcapping", None)
+        out, _ = function(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling,
+                          **({"softcap": softcap} if softcap is not None else {}))
+        return attn.o_proj(out.reshape(batch, 1, -1))
 
 
 def _fused_causal_lm_forward(original, backend):

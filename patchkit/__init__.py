@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import integrations, patcher
+from .inference import for_inference, for_training, generate
 from .architecture import Architecture, replaces
 from .kernels import BackendError, Provider
 from .patcher import PatchError
@@ -25,7 +26,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "Architecture", "BackendError", "Patch", "PatchError", "Provider", "UnknownArchitectureError", "architectures",
-    "backends", "hookimpl", "is_patched", "patch", "patched", "replaces", "unpatch", "verify",
+    "backends", "for_inference", "for_training", "generate", "hookimpl", "is_patched", "patch", "patched", "replaces",
+    "unpatch", "verify",
 ]
 
 
@@ -45,6 +47,16 @@ class Patch:
                 patcher.restore(name)
             self._applied = []
             integrations.sync()
+
+    @staticmethod
+    def for_inference(model):
+        """`patchkit.for_inference(model)`."""
+        return for_inference(model)
+
+    @staticmethod
+    def for_training(model):
+        """`patchkit.for_training(model)`."""
+        return for_training(model)
 
     def __enter__(self) -> Patch:
         return self

@@ -1,0 +1,170 @@
+"""The inference path: prefill with the model's own forward, then one-token decode steps over a
+pre-allocated KV cache, in a lean loop (gpt-fast's shape: one `decode` function per token).
+
+The decode step is the architecture's (`Llama.decode_layer` and its overrides): it calls the
+model's own norm, MLP and attention-function code, writes the rotated key straight into the
+cache slot, and reads the cache through views: no per-step mask building, no concatenation.
+`generate` drives it; `for_inference(model)` also routes `model.generate` calls it can serve.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+SAMPLING_ARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                 "eos_token_id", "pad_token_id", "streamer"}
+# generation-config settings the lean loop honours; any other non-default one sends `generate` to transformers
+CONFIG_KEYS = {"do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "bos_token_id",
+               "transformers_version", "_from_model_config"}
+
+
+class DecodeState:
+    """Pre-allocated keys and values per layer, (batch, kv heads, max length, head dim), and the masks."""
+
+    def __init__(self, backbone, cache, attention_mask, max_len: int, implementation: str):
+        config = backbone.config
+        batch, prompt = attention_mask.shape
+        self.keys, self.values = [], []
+        for layer in cache.layers:  # the prefill's cache: sliding layers may hold only their window's tail
+            shape = (batch, layer.keys.shape[1], max_len, layer.keys.shape[-1])
+            keys, values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+            held = layer.keys.shape[2]
+            keys[:, :, prompt - held:prompt], values[:, :, prompt - held:prompt] = layer.keys, layer.values
+            self.keys.append(keys)
+            self.values.append(values)
+        self.length = prompt  # slots written so far
+        self.mask = None
+        if not bool(attention_mask.all()):  # left padding: one mask for every step, read through views
+            valid = torch.ones(batch, max_len, dtype=torch.bool, device=attention_mask.device)
+            valid[:, :prompt] = attention_mask.bool()
+            if implementation == "eager":
+                dtype = self.keys[0].dtype
+                self.mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)
+            else:
+                self.mask = valid
+            self.mask = self.mask[:, None, None, :]
+        self.config = config
+
+    def window(self, layer_idx: int, size: int | None):
+        """(keys, values, mask) views over the slots the current token attends to."""
+        end = self.length + 1
+        start = 0 if size is None else max(0, end - size)
+        mask = None if self.mask is None else self.mask[..., start:end]
+        return self.keys[layer_idx][:, :, start:end], self.values[layer_idx][:, :, start:end], mask
+
+
+def architecture_of(model):
+    from . import _resolve, _unwrap
+
+    base = _unwrap(model)
+    return _resolve(base)[0], base
+
+
+def _sample(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature if temperature and temperature != 1.0 else logits
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, index = logits.sort(-1, descending=False)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, index, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None, streamer: Any = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy (the default) or sampled decoding; returns prompt + new tokens, padded after each row's EOS.
+
+    `streamer`: a transformers streamer (`put`/`end`) or a callable given each step's tokens (batch,).
+    Greedy output is `model.generate(..., do_sample=False)`'s, token for token.
+    """
+    arch_cls, backbone_lm = architecture_of(model)
+    arch = arch_cls()
+    generation_config = backbone_lm.generation_config
+    eos = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else generation_config.pad_token_id
+    pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
+    out = backbone_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)
+    state = DecodeState(backbone_lm.base_model, getattr(out, "cache", None) or out.past_key_values, attention_mask,
+                        input_ids.shape[1] + max_new_tokens, backbone_lm.config._attn_implementation)
+    logits, position = out.logits[:, -1], positions[:, -1:]
+    del out
+    emit = _streamer(streamer, input_ids)
+    sequences = [input_ids]
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for i in range(max_new_tokens):
+        tokens = _sample(logits.float(), do_sample, temperature, top_k, top_p, generator).masked_fill_(finished, pad)
+        sequences.append(tokens[:, None])
+        emit(tokens)
+        finished |= torch.isin(tokens, eos)
+        if i == max_new_tokens - 1 or bool(finished.all()):
+            break
+        position = position + 1
+        logits = arch.decode(backbone_lm, tokens[:, None], position, state)
+        state.length += 1
+    emit(None)
+    return torch.cat(sequences, 1)
+
+
+def _streamer(streamer, prompt) -> Callable[[torch.Tensor | None], None]:
+    """A transformers streamer gets the prompt, each step's tokens and `end()`; a callable, each step's tokens."""
+    if streamer is None:
+        return lambda tokens: None
+    if hasattr(streamer, "put"):
+        streamer.put(prompt.cpu())
+        return lambda tokens: streamer.end() if tokens is None else streamer.put(tokens.cpu())
+    return lambda tokens: None if tokens is None else streamer(tokens)
+
+
+def for_inference(model):
+    """Evaluation mode, and `model.generate` runs `generate` for the calls it serves (greedy or sampled
+    decoding with temperature / top-k / top-p, EOS, a streamer); any other call runs transformers' own."""
+    model.eval()
+    if getattr(model.generate, "__patchkit__", None):
+        return model
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate_(*args, **kwargs):
+        call = {**dict(zip(("input_ids",), args)), **kwargs}
+        call["input_ids"] = call.pop("inputs", call.get("input_ids"))
+        defaults = model.generation_config.to_diff_dict()
+        served = (len(args) <= 1 and isinstance(call["input_ids"], torch.Tensor) and "max_new_tokens" in call
+                  and set(call) <= SAMPLING_ARGS and set(defaults) <= CONFIG_KEYS)
+        if not served:
+            return original(*args, **kwargs)
+        for key in ("do_sample", "temperature", "top_k", "top_p"):
+            if key in defaults:
+                call.setdefault(key, defaults[key])
+        if call.get("do_sample"):
+            call.setdefault("top_k", model.generation_config.top_k)  # transformers' default top-k of 50
+        return generate(model, **call)
+
+    generate_.__patchkit__ = ("inference", "generate")
+    model.generate = generate_
+    return model
+
+
+def for_training(model):
+    """Back to training mode; `model.generate` is transformers' own again."""
+    model.train()
+    if getattr(vars(model).get("generate"), "__patchkit__", None):
+        del model.generate
+    return model
