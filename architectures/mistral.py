@@ -1,8 +1,9 @@
 """Mistral: Llama with sliding-window attention.
 
 The window lives in the attention mask and the attention call, which patchkit leaves alone, so
-every fused op applies unchanged; the decode step reads only the window's cache slots. The verifier's tiny model uses a window shorter than its
-sequences, so parity covers tokens beyond the window.
+every fused op applies unchanged; the decode step reads only the window's cache slots, for every
+layer (Mistral's attention modules do not carry the window). The verifier's tiny model uses a
+window shorter than its sequences, so parity covers tokens beyond the window.
 """
 
 from typing import ClassVar
