@@ -33,9 +33,10 @@ class Gemma2(Gemma):
                                    "attn_logit_softcapping": 5.0}
 
     def decode_layer(self, layer, h, rope, state, i):  # main diff with Llama: attention and MLP outputs normed too
-        attended = self.decode_attention(layer.self_attn, layer.input_layernorm(h), rope, state, i)
-        h = h + layer.post_attention_layernorm(attended)
-        return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        attended = self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h), rope, state, i)
+        h = h + self.norm(layer.post_attention_layernorm, attended)
+        fed = self.feed_forward(layer.mlp, self.norm(layer.pre_feedforward_layernorm, h), type(layer.mlp).forward)
+        return h + self.norm(layer.post_feedforward_layernorm, fed)
 
 
 class Gemma3Text(Gemma2):

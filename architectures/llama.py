@@ -15,19 +15,23 @@ Ops and what they replace in `transformers.models.llama.modeling_llama`:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from patchkit import kernels as K
 from patchkit.architecture import Architecture, replaces
 from patchkit.attention import interface as packed_attention
+from patchkit.inference import project
 from patchkit.integrations import lora_projection
 
 
+@functools.cache
 def _activation_kernels() -> dict[type, str]:
     from transformers import activations
 
@@ -48,13 +52,15 @@ class Llama(Architecture):
     norm_eps: ClassVar[str] = "variance_epsilon"  # attribute of the norm module holding eps
     shared_ops: ClassVar[tuple[str, ...]] = ("lora",)  # PEFT's LoRA layer: patchkit.integrations
 
+    def norm(self, module, x):
+        """`module`'s RMSNorm of `x` (its weight and eps; this family's offset and cast), fused."""
+        return K.rms_norm(x, module.weight, getattr(module, self.norm_eps), offset=self.norm_offset,
+                          cast=self.norm_cast, backend=self.backend)
+
     @replaces("rms_norm", "{prefix}RMSNorm.forward")
     def rms_norm(self, original):
-        backend, offset, cast, eps = self.backend, self.norm_offset, self.norm_cast, self.norm_eps
-
         def forward(module, hidden_states):
-            return K.rms_norm(hidden_states, module.weight, getattr(module, eps), offset=offset, cast=cast,
-                              backend=backend)
+            return self.norm(module, hidden_states)
 
         return forward
 
@@ -69,20 +75,22 @@ class Llama(Architecture):
 
     @replaces("mlp", "{prefix}MLP.forward")
     def mlp(self, original):
-        backend, kernels, lora = self.backend, _activation_kernels(), self.enabled.get("lora", False)
-
         def forward(module, x):
-            kernel = kernels.get(type(module.act_fn))
-            if kernel is None:
-                return original(module, x)
-            if lora:
-                projections = [lora_projection(getattr(module, f"{p}_proj"), x) for p in ("gate", "up", "down")]
-                if all(projections) and any(p.lora_a is not None for p in projections):
-                    return K.lora_mlp(x, *projections, activation=kernel, backend=backend)
-            gated = getattr(K, kernel)(module.gate_proj(x), module.up_proj(x), backend=backend)
-            return module.down_proj(gated)
+            return self.feed_forward(module, x, original)
 
         return forward
+
+    def feed_forward(self, module, x, original):
+        """The gated MLP with the activation kernel its `act_fn` calls for (LoRA on its projections: one node)."""
+        kernel = _activation_kernels().get(type(module.act_fn))
+        if kernel is None:
+            return original(module, x)
+        if self.enabled.get("lora", False):
+            projections = [lora_projection(getattr(module, f"{p}_proj"), x) for p in ("gate", "up", "down")]
+            if all(projections) and any(p.lora_a is not None for p in projections):
+                return K.lora_mlp(x, *projections, activation=kernel, backend=self.backend)
+        gated = getattr(K, kernel)(project(module.gate_proj, x), project(module.up_proj, x), backend=self.backend)
+        return project(module.down_proj, gated)
 
     @replaces("cross_entropy", "{prefix}ForCausalLM.forward")
     def cross_entropy(self, original):
@@ -101,7 +109,7 @@ class Llama(Architecture):
         rope = self.decode_rope(backbone, h, position)
         for i, layer in enumerate(backbone.layers[: backbone.config.num_hidden_layers]):
             h = self.decode_layer(layer, h, rope(i), state, i)
-        logits = lm.get_output_embeddings()(backbone.norm(h)[:, -1])
+        logits = project(lm.get_output_embeddings(), self.norm(backbone.norm, h[:, -1]))
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         return torch.tanh(logits / softcap) * softcap if softcap else logits
 
@@ -111,8 +119,8 @@ class Llama(Architecture):
         return lambda i: cos_sin
 
     def decode_layer(self, layer, h, rope, state, i):
-        h = h + self.decode_attention(layer.self_attn, layer.input_layernorm(h), rope, state, i)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h), rope, state, i)
+        return h + self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h), type(layer.mlp).forward)
 
     def decode_window(self, attn) -> int | None:
         """The sliding window of this attention layer, or None."""
@@ -122,23 +130,27 @@ class Llama(Architecture):
         """q/k/v, q/k norms where the layer has them, RoPE (the key rotated straight into its cache slot), the
         model's own attention function over cache views, o_proj."""
         batch, heads = x.shape[0], (-1, attn.head_dim)
-        q = attn.q_proj(x).view(batch, 1, *heads).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, 1, *heads).transpose(1, 2)
+        q = project(attn.q_proj, x).view(batch, 1, *heads).transpose(1, 2)
+        k = project(attn.k_proj, x).view(batch, 1, *heads).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
         cos, sin = (t.unsqueeze(1) for t in rope)
         slot = slice(state.length, state.length + 1)
         q = K.rope_into(q, cos, sin)
         K.rope_into(k, cos, sin, out=state.keys[i][:, :, slot])
-        state.values[i][:, :, slot] = attn.v_proj(x).view(batch, 1, *heads).transpose(1, 2)
+        state.values[i][:, :, slot] = project(attn.v_proj, x).view(batch, 1, *heads).transpose(1, 2)
         keys, values, mask = state.window(i, self.decode_window(attn))
+        softcap = getattr(attn, "attn_logit_softcapping", None)
+        if attn.config._attn_implementation == "sdpa" and softcap is None:  # one query: its heads share a kv head
+            out = F.scaled_dot_product_attention(q.reshape(batch, keys.shape[1], -1, q.shape[-1]), keys, values,
+                                                 attn_mask=mask, scale=attn.scaling)
+            return project(attn.o_proj, out.reshape(batch, 1, -1))
         module = sys.modules[type(attn).__module__]
         function = module.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                                  module.eager_attention_forward)
-        softcap = getattr(attn, "attn_logit_softcapping", None)
         out, _ = function(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling,
                           **({"softcap": softcap} if softcap is not None else {}))
-        return attn.o_proj(out.reshape(batch, 1, -1))
+        return project(attn.o_proj, out.reshape(batch, 1, -1))
 
 
 def _fused_causal_lm_forward(original, backend):

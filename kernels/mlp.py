@@ -49,12 +49,18 @@ class _Gated(torch.autograd.Function):
         return dgate, dup, None, None
 
 
+def _gated(gate, up, act, act_backward_):
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _Gated.apply(gate, up, act, act_backward_)
+    return act(gate).mul_(up)  # inference: no autograd node to build
+
+
 def swiglu_torch(gate, up):
-    return _Gated.apply(gate, up, F.silu, _silu_backward_)
+    return _gated(gate, up, F.silu, _silu_backward_)
 
 
 def geglu_torch(gate, up):
-    return _Gated.apply(gate, up, _gelu_tanh, _gelu_tanh_backward_)
+    return _gated(gate, up, _gelu_tanh, _gelu_tanh_backward_)
 
 
 # --- triton ---------------------------------------------------------------------------------

@@ -25,16 +25,20 @@ def _scale(weight: torch.Tensor, offset: float, cast: str) -> torch.Tensor:
     return w + offset if offset else w
 
 
+def _forward(x, weight, eps, offset, cast):
+    """(output, reciprocal RMS)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = xf * rstd
+    if cast == "gemma":
+        return (normed * _scale(weight, offset, cast)).to(x.dtype), rstd
+    return _scale(weight, offset, cast) * normed.to(x.dtype), rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, cast):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        normed = xf * rstd
-        if cast == "gemma":
-            y = (normed * _scale(weight, offset, cast)).to(x.dtype)
-        else:
-            y = _scale(weight, offset, cast) * normed.to(x.dtype)
+        y, rstd = _forward(x, weight, eps, offset, cast)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset, ctx.cast = offset, cast
         return y
@@ -62,7 +66,9 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm_torch(x, weight, eps, *, offset=0.0, cast="llama"):
     if cast not in CASTS:
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
-    return _RMSNorm.apply(x, weight, eps, offset, cast)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps, offset, cast)
+    return _forward(x, weight, eps, offset, cast)[0]  # inference: no autograd node to build
 
 
 # --- triton ---------------------------------------------------------------------------------

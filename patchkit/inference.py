@@ -14,12 +14,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 SAMPLING_ARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                  "eos_token_id", "pad_token_id", "streamer"}
 # generation-config settings the lean loop honours; any other non-default one sends `generate` to transformers
 CONFIG_KEYS = {"do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "bos_token_id",
                "transformers_version", "_from_model_config"}
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)`. For a plain `nn.Linear` without autograd on a CPU, a few rows go through `W @ x^T` (about 1.4x
+    faster than `x @ W^T` at 8 rows: the BLAS blocks the long side); anything else (PEFT LoRA, a quantized layer)
+    is called as it is."""
+    if type(linear) is not nn.Linear:
+        return linear(x)
+    rows = x.reshape(-1, x.shape[-1])
+    if not 1 < rows.shape[0] <= 64 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return F.linear(x, linear.weight, linear.bias)
+    out = torch.mm(linear.weight, rows.T) if linear.bias is None else torch.addmm(linear.bias[:, None], linear.weight,
+                                                                                  rows.T)
+    return out.T.reshape(*x.shape[:-1], -1)
 
 
 class DecodeState:
