@@ -35,7 +35,7 @@ class Gemma2(Gemma):
     def decode_layer(self, layer, h, rope, state, i):  # main diff with Llama: attention and MLP outputs normed too
         attended = self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h), rope, state, i)
         h = h + self.norm(layer.post_attention_layernorm, attended)
-        fed = self.feed_forward(layer.mlp, self.norm(layer.pre_feedforward_layernorm, h), type(layer.mlp).forward)
+        fed = self.feed_forward(layer.mlp, self.norm(layer.pre_feedforward_layernorm, h))
         return h + self.norm(layer.post_feedforward_layernorm, fed)
 
 

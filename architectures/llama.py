@@ -80,11 +80,11 @@ class Llama(Architecture):
 
         return forward
 
-    def feed_forward(self, module, x, original):
+    def feed_forward(self, module, x, original=None):
         """The gated MLP with the activation kernel its `act_fn` calls for (LoRA on its projections: one node)."""
         kernel = _activation_kernels().get(type(module.act_fn))
         if kernel is None:
-            return original(module, x)
+            return original(module, x) if original else module(x)
         if self.enabled.get("lora", False):
             projections = [lora_projection(getattr(module, f"{p}_proj"), x) for p in ("gate", "up", "down")]
             if all(projections) and any(p.lora_a is not None for p in projections):
@@ -120,25 +120,30 @@ class Llama(Architecture):
 
     def decode_layer(self, layer, h, rope, state, i):
         h = h + self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h), rope, state, i)
-        return h + self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h), type(layer.mlp).forward)
+        return h + self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h))
 
     def decode_window(self, attn) -> int | None:
         """The sliding window of this attention layer, or None."""
         return getattr(attn, "sliding_window", None)
 
-    def decode_attention(self, attn, x, rope, state, i):
-        """q/k/v, q/k norms where the layer has them, RoPE (the key rotated straight into its cache slot), the
-        model's own attention function over cache views, o_proj."""
-        batch, heads = x.shape[0], (-1, attn.head_dim)
-        q = project(attn.q_proj, x).view(batch, 1, *heads).transpose(1, 2)
-        k = project(attn.k_proj, x).view(batch, 1, *heads).transpose(1, 2)
+    def decode_qk(self, attn, x):
+        """Query and key (batch, heads, 1, head dim), normed per head where the layer has q/k norms."""
+        shape = (x.shape[0], 1, -1, attn.head_dim)
+        q, k = project(attn.q_proj, x).view(shape), project(attn.k_proj, x).view(shape)
         if getattr(attn, "q_norm", None) is not None:
             q, k = self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+    def decode_attention(self, attn, x, rope, state, i):
+        """q/k/v, RoPE (the key rotated straight into its cache slot), attention over cache views, o_proj:
+        one sdpa call over the heads packed by kv head, or the model's own attention function (eager, softcap)."""
+        batch = x.shape[0]
+        q, k = self.decode_qk(attn, x)
         cos, sin = (t.unsqueeze(1) for t in rope)
         slot = slice(state.length, state.length + 1)
         q = K.rope_into(q, cos, sin)
         K.rope_into(k, cos, sin, out=state.keys[i][:, :, slot])
-        state.values[i][:, :, slot] = project(attn.v_proj, x).view(batch, 1, *heads).transpose(1, 2)
+        state.values[i][:, :, slot] = project(attn.v_proj, x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
         keys, values, mask = state.window(i, self.decode_window(attn))
         softcap = getattr(attn, "attn_logit_softcapping", None)
         if attn.config._attn_implementation == "sdpa" and softcap is None:  # one query: its heads share a kv head

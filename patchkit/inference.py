@@ -19,9 +19,14 @@ from torch import nn
 
 SAMPLING_ARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                  "eos_token_id", "pad_token_id", "streamer"}
-# generation-config settings the lean loop honours; any other non-default one sends `generate` to transformers
+ATTENTION = ("sdpa", "eager")  # the attention implementations the decode step runs over its cache
+# generation-config settings the lean loop honours, and settings whose value changes nothing it does; any other
+# non-default one sends `generate` to transformers
 CONFIG_KEYS = {"do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "bos_token_id",
                "transformers_version", "_from_model_config"}
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}  # transformers' own
+NEUTRAL = {"use_cache": True, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
+           "output_logits": False, "return_dict_in_generate": False}
 
 
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +100,32 @@ def _sample(logits, do_sample, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class Decoding:
+    """A prefilled batch: `logits` for the next token; `step(tokens)` feeds one token per row and renews them."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
+        arch_cls, self.lm = architecture_of(model)
+        self.arch = arch_cls()
+        implementation = self.lm.config._attn_implementation
+        if implementation not in ATTENTION:
+            raise ValueError(f"patchkit's decode step runs {' or '.join(ATTENTION)} attention, not {implementation!r}: "
+                             "load the model with attn_implementation='sdpa', or use transformers' own generate")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)
+        self.state = DecodeState(self.lm.base_model, getattr(out, "cache", None) or out.past_key_values,
+                                 attention_mask, input_ids.shape[1] + max_new_tokens, implementation)
+        self.logits, self.position = out.logits[:, -1], positions[:, -1:]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.position = self.position + 1
+        self.logits = self.arch.decode(self.lm, tokens[:, None], self.position, self.state)
+        self.state.length += 1
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -106,35 +137,24 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     `streamer`: a transformers streamer (`put`/`end`) or a callable given each step's tokens (batch,).
     Greedy output is `model.generate(..., do_sample=False)`'s, token for token.
     """
-    arch_cls, backbone_lm = architecture_of(model)
-    arch = arch_cls()
-    generation_config = backbone_lm.generation_config
+    decoding = Decoding(model, input_ids, attention_mask, max_new_tokens)
+    generation_config = decoding.lm.generation_config
     eos = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
     eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else generation_config.pad_token_id
     pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
-    out = backbone_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1)
-    state = DecodeState(backbone_lm.base_model, getattr(out, "cache", None) or out.past_key_values, attention_mask,
-                        input_ids.shape[1] + max_new_tokens, backbone_lm.config._attn_implementation)
-    logits, position = out.logits[:, -1], positions[:, -1:]
-    del out
     emit = _streamer(streamer, input_ids)
     sequences = [input_ids]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
-        tokens = _sample(logits.float(), do_sample, temperature, top_k, top_p, generator).masked_fill_(finished, pad)
+        tokens = _sample(decoding.logits.float(), do_sample, temperature, top_k, top_p, generator)
+        tokens = tokens.masked_fill_(finished, pad)
         sequences.append(tokens[:, None])
         emit(tokens)
         finished |= torch.isin(tokens, eos)
         if i == max_new_tokens - 1 or bool(finished.all()):
             break
-        position = position + 1
-        logits = arch.decode(backbone_lm, tokens[:, None], position, state)
-        state.length += 1
+        decoding.step(tokens)
     emit(None)
     return torch.cat(sequences, 1)
 
@@ -162,15 +182,19 @@ def for_inference(model):
         call = {**dict(zip(("input_ids",), args)), **kwargs}
         call["input_ids"] = call.pop("inputs", call.get("input_ids"))
         defaults = model.generation_config.to_diff_dict()
-        served = (len(args) <= 1 and isinstance(call["input_ids"], torch.Tensor) and "max_new_tokens" in call
-                  and set(call) <= SAMPLING_ARGS and set(defaults) <= CONFIG_KEYS)
+        ids, pad = call["input_ids"], call.get("pad_token_id", model.generation_config.pad_token_id)
+        served = (len(args) <= 1 and isinstance(ids, torch.Tensor) and "max_new_tokens" in call
+                  and set(call) <= SAMPLING_ARGS
+                  and all(k in CONFIG_KEYS or NEUTRAL.get(k, k) == v for k, v in defaults.items())
+                  and model.config._attn_implementation in ATTENTION
+                  # transformers infers the mask from pad tokens in the prompt: leave that to it
+                  and (call.get("attention_mask") is not None or pad is None or not bool((ids == pad).any())))
         if not served:
             return original(*args, **kwargs)
-        for key in ("do_sample", "temperature", "top_k", "top_p"):
-            if key in defaults:
-                call.setdefault(key, defaults[key])
-        if call.get("do_sample"):
-            call.setdefault("top_k", model.generation_config.top_k)  # transformers' default top-k of 50
+        for key, default in SAMPLING_DEFAULTS.items():  # the call's, else the model's, else transformers' default
+            if call.get(key) is None:
+                value = getattr(model.generation_config, key, None)
+                call[key] = default if value is None else value
         return generate(model, **call)
 
     generate_.__patchkit__ = ("inference", "generate")

@@ -20,7 +20,8 @@ from .architecture import Architecture
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
-FP32_TOL = {"logits": 1e-5, "loss": 1e-4, "grad": 1e-4}
+FP32_TOL = {"logits": 1e-5, "decode": 1e-5, "loss": 1e-4, "grad": 1e-4}
+DECODE_STEPS = 6  # the batch's last tokens, fed one at a time to the inference path
 
 
 @dataclass
@@ -86,7 +87,25 @@ def tiny_batch(vocab_size: int, *, batch: int = 3, seq: int = 19, seed: int = 1)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _run(model, batch) -> dict[str, torch.Tensor]:
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+
+
+def _reference_decode(model, ids, mask):
+    """The logits the decode steps must give: one forward over the whole sequence."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -DECODE_STEPS - 1:-1]
+
+
+def _inference_decode(model, ids, mask):
+    """The inference path's logits: prefill, then the last tokens one decode step each (teacher-forced)."""
+    from .inference import Decoding
+
+    prompt = ids.shape[1] - DECODE_STEPS
+    decoding = Decoding(model, ids[:, :prompt], mask[:, :prompt], DECODE_STEPS)
+    return torch.stack([decoding.logits, *(decoding.step(ids[:, t]) for t in range(prompt, ids.shape[1] - 1))], 1)
+
+
+def _run(model, batch, decode=_reference_decode) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model.train()
     loss = model(**batch).loss
@@ -95,6 +114,7 @@ def _run(model, batch) -> dict[str, torch.Tensor]:
     model.eval()
     with torch.no_grad():
         out["logits"] = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        out["decode"] = decode(model, batch["input_ids"], batch["attention_mask"]).float()
     out.update({f"grad {n}": p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     return out
 
@@ -112,7 +132,7 @@ def _patched_run(arch: Architecture, model, batch):
             reference = _run(model, batch)
             patcher.apply(arch)
             try:
-                result = _run(model, batch)
+                result = _run(model, batch, _inference_decode)
             finally:
                 patcher.restore(arch.name)
         finally:
