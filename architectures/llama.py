@@ -85,12 +85,13 @@ class Llama(Architecture):
         kernel = _activation_kernels().get(type(module.act_fn))
         if kernel is None:
             return original(module, x) if original else module(x)
-        if self.enabled.get("lora", False):
-            projections = [lora_projection(getattr(module, f"{p}_proj"), x) for p in ("gate", "up", "down")]
+        layers = (module.gate_proj, module.up_proj, module.down_proj)
+        if self.enabled.get("lora", False) and any(type(layer) is not nn.Linear for layer in layers):
+            projections = [lora_projection(layer, x) for layer in layers]
             if all(projections) and any(p.lora_a is not None for p in projections):
                 return K.lora_mlp(x, *projections, activation=kernel, backend=self.backend)
-        gated = getattr(K, kernel)(project(module.gate_proj, x), project(module.up_proj, x), backend=self.backend)
-        return project(module.down_proj, gated)
+        gated = getattr(K, kernel)(project(layers[0], x), project(layers[1], x), backend=self.backend)
+        return project(layers[2], gated)
 
     @replaces("cross_entropy", "{prefix}ForCausalLM.forward")
     def cross_entropy(self, original):
@@ -166,10 +167,13 @@ def _fused_causal_lm_forward(original, backend):
     """
     signature = inspect.signature(original)
     var_kw = next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD)
+    labels_at = list(signature.parameters).index("labels") - 1  # positional index after self
 
     def forward(self, *args, **kwargs):
         fused_lm_head = kwargs.pop("fused_lm_head", False)
         skip_logits = kwargs.pop("skip_logits", None)
+        if not (fused_lm_head or skip_logits or len(args) > labels_at or {"labels", "shift_labels"} & kwargs.keys()):
+            return original(self, *args, **kwargs)  # no labels: nothing to fuse (generation's every step)
         bound = signature.bind(self, *args, **kwargs).arguments
         labels = bound.get("labels")
         wanted = (labels is not None or "shift_labels" in bound.get(var_kw, {})) and (

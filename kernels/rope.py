@@ -48,7 +48,10 @@ class _Rope(torch.autograd.Function):
 def apply_rope_torch(q, k, cos, sin):
     if q.shape[-1] % 2:
         raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
-    return _Rope.apply(q, k, cos.to(q.dtype), sin.to(q.dtype))
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _Rope.apply(q, k, cos, sin)
+    return _rotate(q, cos, sin, 1), _rotate(k, cos, sin, 1)  # inference: no autograd node to build
 
 
 # --- triton ---------------------------------------------------------------------------------

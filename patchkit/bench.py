@@ -1,6 +1,6 @@
 """Benchmarks: patched and unpatched runs alternated in one process, so machine drift cancels.
 
-`patchkit bench kernels` is in `bench_kernels.py`.
+`patchkit bench kernels`, `sft` and `decode` are in `bench_kernels.py`, `bench_sft.py`, `bench_decode.py`.
 
 `patchkit bench train`: one full fine-tuning step (forward, backward, AdamW) of a Llama-shaped
 model. Reports tokens/s and peak resident memory of the process: over the whole step, over
@@ -133,7 +133,7 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchkit bench")
-    parser.add_argument("scenario", choices=["train", "sft", "kernels"])
+    parser.add_argument("scenario", choices=["train", "sft", "kernels", "decode"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=TRAIN["vocab_size"])
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["lora", "full"], help="sft: one fine-tuning scenario")
     parser.add_argument("--device", help="kernels: cuda or cpu (default: cuda if there is one)")
     parser.add_argument("--dtype", help="kernels: float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--sizes", nargs="+", default=["20M", "125M"], help="decode: model sizes (20M, 125M)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="decode: batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per row")
     parser.add_argument("--json", help="also write the summary as JSON to this path")
     args = parser.parse_args(argv)
     if args.scenario == "kernels":
@@ -149,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = bench_kernels.run(args.device, args.dtype, reps=args.rounds)
         print(bench_kernels.report(summary))
+    elif args.scenario == "decode":
+        from patchkit import bench_decode
+
+        summary = bench_decode.run(sizes=args.sizes, batches=args.batches, new=args.new_tokens, rounds=args.rounds,
+                                   progress=lambda line: print(" ", line, file=sys.stderr))
+        print(bench_decode.report(summary))
     elif args.scenario == "sft":
         from patchkit import bench_sft
 

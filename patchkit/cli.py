@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="architectures, their ops, and kernel backends").set_defaults(func=_list)
     sub.add_parser("plugins", help="loaded plugins and load errors").set_defaults(func=_plugins)
     b = sub.add_parser("bench", help="benchmarks (patched vs unpatched, side by side)")
-    b.add_argument("scenario", choices=["train", "sft", "kernels"])
+    b.add_argument("scenario", choices=["train", "sft", "kernels", "decode"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)

@@ -207,8 +207,8 @@ def test_unknown_architecture_is_a_clear_error():
 
 
 def test_project_matches_linear_for_few_rows():
-    linear = torch.nn.Linear(16, 24)
-    x = torch.randn(5, 1, 16)
+    linear = torch.nn.Linear(1024, 1040)
+    x = torch.randn(5, 1, 1024)
     with torch.inference_mode():
         torch.testing.assert_close(inference.project(linear, x), linear(x))
         torch.testing.assert_close(inference.project(linear, x[:1]), linear(x[:1]))

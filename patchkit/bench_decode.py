@@ -1,0 +1,133 @@
+"""`patchkit bench decode`: token-by-token generation, float32, patched vs unpatched, in one process.
+
+Llama-shaped models of about 20 M and 125 M parameters (vocab 32000), a 32-token prompt, 128 new
+tokens (EOS off, so every variant decodes the same count), batch 1 and 8. Variants: unpatched
+`model.generate` with transformers' dynamic cache and with its static cache; `model.generate` of a
+patched model (transformers' loop over the fused ops); the same after `for_inference` (routed to
+the lean loop); `patchkit.generate`. Each round runs every variant once, in an order reversed every
+other round so the machine's drift cancels; tokens/s (prefill included) is the median over rounds.
+
+The bandwidth limit is what batch-1 decoding could reach if it did nothing but read every weight
+once per token: a streaming read measured in the same run (the sum of a touched 1 GiB tensor,
+median of 5) divided by the bytes of weights a token reads (all but the embedding, of which it
+reads a row). At batch b the same read serves b tokens: the limit is b times higher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import time
+
+import torch
+
+import patchkit
+
+SIZES = {
+    "20M": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=768),
+    "125M": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048),
+}
+VOCAB, PROMPT = 32000, 32
+VARIANTS = ("unpatched", "unpatched static cache", "patched model.generate", "for_inference model.generate",
+            "patchkit.generate")
+
+
+def _model(size: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, **SIZES[size])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def stream_read_bytes_per_s(gib: float = 1.0, reps: int = 5) -> float:
+    """A streaming read: the sum of a touched float32 tensor far larger than the caches (median of `reps`)."""
+    x = torch.rand(int(gib * 2**28))
+    x.sum()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def _generate(variant: str, model, ids, new: int):
+    greedy = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if variant == "patchkit.generate":
+        return patchkit.generate(model, ids, new, eos_token_id=[])
+    if variant == "for_inference model.generate":
+        patchkit.for_inference(model)
+        try:
+            return model.generate(ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+        finally:
+            patchkit.for_training(model).eval()
+    if variant == "unpatched static cache":
+        return model.generate(ids, cache_implementation="static", **greedy)
+    return model.generate(ids, **greedy)
+
+
+def _timed(variant: str, model, ids, new: int) -> float:
+    patched = variant not in ("unpatched", "unpatched static cache")
+    with patchkit.patched("llama") if patched else contextlib.nullcontext():
+        start = time.perf_counter()
+        out = _generate(variant, model, ids, new)
+        seconds = time.perf_counter() - start
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"{variant} decoded {out.shape[1] - ids.shape[1]} tokens, not {new}")
+    return ids.shape[0] * new / seconds
+
+
+def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, variants=VARIANTS,
+        progress=None) -> dict:
+    bandwidth = stream_read_bytes_per_s()
+    summary = {"scenario": "decode", "new_tokens": new, "prompt": PROMPT, "threads": torch.get_num_threads(),
+               "stream_read_gb_s": bandwidth / 1e9, "rows": []}
+    for size in sizes:
+        model = _model(size)
+        params = sum(p.numel() for p in model.parameters())
+        read = (params - model.get_input_embeddings().weight.numel()) * 4
+        for batch in batches:
+            ids = torch.randint(3, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+            speeds = {v: [] for v in variants}
+            for v in variants:  # warm-up: first calls allocate and dispatch
+                _timed(v, model, ids, 4)
+            for round_ in range(rounds):
+                for v in variants if round_ % 2 == 0 else variants[::-1]:
+                    speeds[v].append(_timed(v, model, ids, new))
+                if progress:
+                    progress(f"{size} batch {batch} round {round_ + 1}/{rounds}: " + ", ".join(
+                        f"{v} {s[-1]:.0f}" for v, s in speeds.items()) + " tok/s")
+            tok_s = {v: statistics.median(s) for v, s in speeds.items()}
+            limit = batch * bandwidth / read
+            summary["rows"].append({"size": size, "params": params, "batch": batch, "weight_mb_per_token": read / 1e6,
+                                    "limit_tok_s": limit, "tok_s": tok_s,
+                                    "of_limit": {v: s / limit for v, s in tok_s.items()},
+                                    "vs_unpatched": {v: s / tok_s["unpatched"] for v, s in tok_s.items()}
+                                    if "unpatched" in tok_s else {}})
+        del model
+    return summary
+
+
+def report(summary: dict) -> str:
+    variants = list(summary["rows"][0]["tok_s"])
+    lines = [f"| float32, {summary['prompt']}-token prompt + {summary['new_tokens']} new, {summary['threads']} "
+             f"threads: tokens/s (x unpatched; % of bandwidth limit) | limit | " + " | ".join(variants) + " |",
+             "|---" * (len(variants) + 2) + "|"]
+    for row in summary["rows"]:
+        cells = [f"{row['tok_s'][v]:.0f} ({row['vs_unpatched'].get(v, float('nan')):.2f}x; {row['of_limit'][v]:.0%})"
+                 for v in variants]
+        lines.append(f"| {row['size']} params, batch {row['batch']} | {row['limit_tok_s']:.0f} | " + " | ".join(cells)
+                     + " |")
+    lines.append(f"\nstreaming read measured in the same run: {summary['stream_read_gb_s']:.1f} GB/s; limit = batch x "
+                 "read rate / weight bytes per token")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    summary = run(progress=lambda line: print(line, file=sys.stderr))
+    print(report(summary))
