@@ -10,11 +10,9 @@ forward+backward adds on top of what was resident before (weights, optimizer sta
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import statistics
 import sys
 import time
@@ -56,19 +54,28 @@ def _matmul_flops() -> float:
     return 5 * 2 * 2048 * 512 * 16384 / (time.perf_counter() - start)
 
 
-def train(args) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_for(arch: str, dims: dict):
+    """A random `*ForCausalLM` of architecture `arch` with Llama-style dimensions `dims` (head_dim = hidden / heads)."""
+    from patchkit import _resolve
 
-    config = LlamaConfig(**{**TRAIN, "vocab_size": args.vocab})
+    family = _resolve(arch)[0]
+    config = family.config_type()(**{"head_dim": dims["hidden_size"] // dims["num_attention_heads"],
+                                     "tie_word_embeddings": False, **dims})
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    return family.name, family.model_class()(config)
+
+
+def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAIN, rounds: int = 4, steps: int = 2,
+          progress=None) -> dict:
+    name, model = model_for(arch, dims)
+    config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
     tokens = ids.numel()
     n_params = sum(p.numel() for p in model.parameters())
     matmul_params = n_params - model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
-    causal_attention = 6 * config.num_hidden_layers * args.seq * tokens * config.hidden_size
+    causal_attention = 6 * config.num_hidden_layers * seq * tokens * config.hidden_size
     flops_per_step = 6 * matmul_params * tokens + causal_attention
 
     def step(record=None):
@@ -92,18 +99,18 @@ def train(args) -> dict:
     results = {v: {"s": [], "peak": [], "model_peak": [], "model_added": []} for v in ("unpatched", "patched")}
     order = ["unpatched", "patched"]
     for variant in order:  # warm-up: allocator, optimizer state, one step each
-        with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
+        with patchkit.patched(name) if variant == "patched" else contextlib.nullcontext():
             step()
-    for round_ in range(args.rounds):
+    for round_ in range(rounds):
         for variant in order if round_ % 2 == 0 else order[::-1]:
-            with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
-                for _ in range(args.steps):
+            with patchkit.patched(name) if variant == "patched" else contextlib.nullcontext():
+                for _ in range(steps):
                     step(results[variant])
-            print(f"  round {round_ + 1}/{args.rounds} {variant}: {results[variant]['s'][-1]:.2f} s/step",
-                  file=sys.stderr)
+            if progress:
+                progress(f"{name} round {round_ + 1}/{rounds} {variant}: {results[variant]['s'][-1]:.2f} s/step")
     peak_flops = _matmul_flops()
-    summary = {"scenario": "train", "tokens_per_step": tokens, "params": n_params, "threads": torch.get_num_threads(),
-               "matmul_gflops": peak_flops / 1e9}
+    summary = {"scenario": "train", "arch": name, "tokens_per_step": tokens, "params": n_params,
+               "threads": torch.get_num_threads(), "matmul_gflops": peak_flops / 1e9}
     for variant, r in results.items():
         s = statistics.median(r["s"])
         memory = {f"{k}_gib": statistics.median(r[k]) / 2**30 for k in ("peak", "model_peak", "model_added")}
@@ -123,8 +130,9 @@ def report(summary: dict) -> str:
             ("peak RSS, whole step (GiB)", "peak_gib", "{:.2f}"),
             ("peak RSS, forward+backward (GiB)", "model_peak_gib", "{:.2f}"),
             ("forward+backward memory above weights+optimizer state (GiB)", "model_added_gib", "{:.2f}")]
-    lines = [f"| train step ({summary['tokens_per_step']} tokens, {summary['params'] / 1e6:.0f} M params, "
-             f"{summary['threads']} threads) | unpatched | patched | patched / unpatched |", "|---|---|---|---|"]
+    lines = [f"| {summary['arch']} train step ({summary['tokens_per_step']} tokens, "
+             f"{summary['params'] / 1e6:.0f} M params, {summary['threads']} threads) | unpatched | patched | "
+             "patched / unpatched |", "|---|---|---|---|"]
     for label, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(u[key])} | {fmt.format(p[key])} | {p[key] / u[key]:.2f}x |")
     lines.append(f"\nmatmul measured in the same run: {summary['matmul_gflops']:.0f} GFLOP/s")
@@ -132,46 +140,9 @@ def report(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="patchkit bench")
-    parser.add_argument("scenario", choices=["train", "sft", "kernels", "decode"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=TRAIN["vocab_size"])
-    parser.add_argument("--rounds", type=int, default=4, help="alternations of unpatched and patched")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
-    parser.add_argument("--only", choices=["lora", "full"], help="sft: one fine-tuning scenario")
-    parser.add_argument("--device", help="kernels: cuda or cpu (default: cuda if there is one)")
-    parser.add_argument("--dtype", help="kernels: float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--sizes", nargs="+", default=["20M", "125M"], help="decode: model sizes (20M, 125M)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="decode: batch sizes")
-    parser.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per row")
-    parser.add_argument("--json", help="also write the summary as JSON to this path")
-    args = parser.parse_args(argv)
-    if args.scenario == "kernels":
-        from patchkit import bench_kernels
+    from patchkit import bench_run
 
-        summary = bench_kernels.run(args.device, args.dtype, reps=args.rounds)
-        print(bench_kernels.report(summary))
-    elif args.scenario == "decode":
-        from patchkit import bench_decode
-
-        summary = bench_decode.run(sizes=args.sizes, batches=args.batches, new=args.new_tokens, rounds=args.rounds,
-                                   progress=lambda line: print(" ", line, file=sys.stderr))
-        print(bench_decode.report(summary))
-    elif args.scenario == "sft":
-        from patchkit import bench_sft
-
-        summary = bench_sft.run(steps=args.steps, rounds=args.rounds, batch=args.batch, seq=args.seq,
-                                scenarios=(args.only,) if args.only else ("lora", "full"),
-                                progress=lambda line: print(" ", line, file=sys.stderr))
-        print(bench_sft.report(summary))
-    else:
-        summary = train(args)
-        print(report(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
+    return bench_run.main(argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch
 from patchkit import kernels
 from patchkit.kernels import reference
 
+# the ops with an unfused reference; the LoRA ops are measured inside `patchkit bench sft`
+BENCHED = tuple(op for op in kernels.OPS if hasattr(reference, op))
 # (tokens, hidden, intermediate, heads, kv heads, head dim, vocab) per device type
 SHAPES = {"cuda": (8192, 4096, 14336, 32, 8, 128, 128256), "cpu": (2048, 1024, 2816, 8, 2, 64, 32000)}
 
@@ -73,7 +75,7 @@ def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> d
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     impls = _implementations(dev)
     rows = []
-    for op in kernels.OPS:
+    for op in BENCHED:
         args = _inputs(op, dev, dt)  # the first two are differentiated in every op
         times = {name: [] for name in impls}
         peaks = {name: [] for name in impls}

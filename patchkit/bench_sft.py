@@ -24,10 +24,10 @@ MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_ke
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(state, lora: bool):
+def _model(state, lora: bool, dims: dict = MODEL):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**MODEL)
+    config = LlamaConfig(**dims)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     model.load_state_dict(state)
@@ -60,7 +60,7 @@ class _Timer(TrainerCallback):
 
 
 def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenarios=("lora", "full"),
-        progress=None) -> dict:
+        dims: dict = MODEL, progress=None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -68,7 +68,7 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     from patchkit.toy import documents, word_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(**MODEL)
+    config = LlamaConfig(**dims)
     state = LlamaForCausalLM(config).state_dict()
     tokenizer = word_tokenizer(config.vocab_size)
     data = documents(batch * (steps + 2) * 3, config.vocab_size, seq)
@@ -87,7 +87,7 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                                      learning_rate=1e-4, logging_strategy="no", report_to="none", save_strategy="no",
                                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
                                      disable_tqdm=True)
-                    trainer = SFTTrainer(model=_model(state, scenario == "lora"), args=args, train_dataset=data,
+                    trainer = SFTTrainer(model=_model(state, scenario == "lora", dims), args=args, train_dataset=data,
                                          processing_class=tokenizer, callbacks=[_Timer(record)])
                     collate = trainer.data_collator
                     trainer.data_collator = lambda rows, _c=collate, _r=record: _count(_c(rows), _r)
@@ -97,7 +97,7 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
         if "attention" not in summary:
-            summary["attention"] = attention_profile(state, results["unpatched"]["batch"])
+            summary["attention"] = attention_profile(state, results["unpatched"]["batch"], dims=dims)
         summary[scenario] = _summarise(results, matmul_params, config, seq, scenario == "lora")
     summary["matmul_gflops"] = _matmul_flops() / 1e9
     for scenario in scenarios:
@@ -107,10 +107,10 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     return summary
 
 
-def attention_profile(state, batch, rounds: int = 5) -> dict:
+def attention_profile(state, batch, rounds: int = 5, dims: dict = MODEL) -> dict:
     """The backbone's forward+backward on one packed batch of the benchmark, with only the `attention` op
     switched: what per-document attention changes, apart from every other op."""
-    model = _model(state, lora=False).train()
+    model = _model(state, lora=False, dims=dims).train()
     inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
     only_attention = {op: op == "attention" for op in ("rms_norm", "rope", "mlp", "cross_entropy", "attention", "lora")}
     times = {"unpatched": [], "patched": []}
