@@ -90,6 +90,7 @@ def rows(summary: dict) -> list[dict]:
             if r["impl"] != "unfused" and r["impl"] == ("torch" if summary["device"] == "cpu" else r["impl"]):
                 base = next(b for b in summary["rows"] if b["op"] == r["op"] and b["impl"] == "unfused")
                 add(f"kernel {r['op']} ({r['impl']})", "-", "ms (fwd+bwd)", base["ms"], r["ms"], "time")
+                add(f"kernel {r['op']} ({r['impl']})", "-", "peak MiB added", base["peak_mib"], r["peak_mib"], "memory")
     elif scenario == "context":
         for r in summary["rows"]:
             add(f"context {r['fine_tune']}", "llama", f"longest tokens under {summary['cap_gib']:g} GiB",
@@ -119,7 +120,7 @@ def plot(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, max(3.0, 0.38 * max(len(speed), len(memory), 1) + 1.5)))
     for ax, data, title, ref in ((axes[0], speed, "speed-up (patched / unpatched; context: length)", 1.0),
                                  (axes[1], memory, "peak memory (patched / unpatched)", 1.0)):
-        labels = [f"{r['arch']} · {r['scenario']}" for r in data]
+        labels = [r["scenario"] if r["arch"] == "-" else f"{r['arch']} · {r['scenario']}" for r in data]
         ax.barh(range(len(data)), [r["ratio"] for r in data], color="#3a7ca5" if ax is axes[0] else "#81a63a")
         ax.set_yticks(range(len(data)), labels, fontsize=8)
         ax.invert_yaxis()
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(record, indent=2))
         (out / "bench.md").write_text(f"{record['command']}\n\n{json.dumps(record['machine'])}\n\n{markdown(table)}\n")
-        plot(table, out / "bench.png")
-        print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+        try:
+            plot(table, out / "bench.png")
+        except ImportError:
+            print("patchkit bench: no plot without matplotlib: pip install 'patchkit[bench]'", file=sys.stderr)
+        print(f"\nwrote {', '.join(str(p) for p in sorted(out.glob('bench.*')))}")
     return 0
