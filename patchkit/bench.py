@@ -61,9 +61,10 @@ def model_for(arch: str, dims: dict):
     family = _resolve(arch)[0]
     config = family.config_type()(**{"head_dim": dims["hidden_size"] // dims["num_attention_heads"],
                                      "tie_word_embeddings": False, **dims})
-    config._attn_implementation = "sdpa"
+    model_class = family.model_class()
+    config._attn_implementation = "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
     torch.manual_seed(0)
-    return family.name, family.model_class()(config)
+    return family.name, model_class(config)
 
 
 def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAIN, rounds: int = 4, steps: int = 2,

@@ -35,13 +35,11 @@ VARIANTS = ("unpatched", "unpatched static cache", "patched model.generate", "fo
             "patchkit.generate")
 
 
-def _model(size: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _model(size: str, arch: str = "llama"):
+    from patchkit.bench import model_for
 
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, **SIZES[size])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    name, model = model_for(arch, {"vocab_size": VOCAB, "max_position_embeddings": 1024, **SIZES[size]})
+    return name, model.eval()
 
 
 def stream_read_bytes_per_s(gib: float = 1.0, reps: int = 5) -> float:
@@ -73,7 +71,7 @@ def _generate(variant: str, model, ids, new: int):
 
 def _timed(variant: str, model, ids, new: int) -> float:
     patched = variant not in ("unpatched", "unpatched static cache")
-    with patchkit.patched("llama") if patched else contextlib.nullcontext():
+    with patchkit.patched(model.config.model_type) if patched else contextlib.nullcontext():
         start = time.perf_counter()
         out = _generate(variant, model, ids, new)
         seconds = time.perf_counter() - start
@@ -83,12 +81,12 @@ def _timed(variant: str, model, ids, new: int) -> float:
 
 
 def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, variants=VARIANTS,
-        progress=None) -> dict:
+        arch: str = "llama", progress=None) -> dict:
     bandwidth = stream_read_bytes_per_s()
     summary = {"scenario": "decode", "new_tokens": new, "prompt": PROMPT, "threads": torch.get_num_threads(),
                "stream_read_gb_s": bandwidth / 1e9, "rows": []}
     for size in sizes:
-        model = _model(size)
+        name, model = _model(size, arch)
         params = sum(p.numel() for p in model.parameters())
         read = (params - model.get_input_embeddings().weight.numel()) * 4
         for batch in batches:
@@ -104,7 +102,8 @@ def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, 
                         f"{v} {s[-1]:.0f}" for v, s in speeds.items()) + " tok/s")
             tok_s = {v: statistics.median(s) for v, s in speeds.items()}
             limit = batch * bandwidth / read
-            summary["rows"].append({"size": size, "params": params, "batch": batch, "weight_mb_per_token": read / 1e6,
+            summary["rows"].append({"arch": name, "size": size, "params": params, "batch": batch,
+                                    "weight_mb_per_token": read / 1e6,
                                     "limit_tok_s": limit, "tok_s": tok_s,
                                     "of_limit": {v: s / limit for v, s in tok_s.items()},
                                     "vs_unpatched": {v: s / tok_s["unpatched"] for v, s in tok_s.items()}
@@ -121,7 +120,8 @@ def report(summary: dict) -> str:
     for row in summary["rows"]:
         cells = [f"{row['tok_s'][v]:.0f} ({row['vs_unpatched'].get(v, float('nan')):.2f}x; {row['of_limit'][v]:.0%})"
                  for v in variants]
-        lines.append(f"| {row['size']} params, batch {row['batch']} | {row['limit_tok_s']:.0f} | " + " | ".join(cells)
+        lines.append(f"| {row.get('arch', 'llama')} {row['size']} params, batch {row['batch']} | "
+                     f"{row['limit_tok_s']:.0f} | " + " | ".join(cells)
                      + " |")
     lines.append(f"\nstreaming read measured in the same run: {summary['stream_read_gb_s']:.1f} GB/s; limit = batch x "
                  "read rate / weight bytes per token")

@@ -25,7 +25,7 @@ QUICK_TRAIN = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, 
 def _jobs(args) -> list[tuple[str, str]]:
     scenarios = [s for s in SCENARIOS if s != "context" or not args.quick] if args.scenario == "all" \
         else [args.scenario]
-    return [(s, arch) for s in scenarios for arch in (args.arch if s == "train" else ["llama"])]
+    return [(s, arch) for s in scenarios for arch in (args.arch if s in ("train", "sft", "decode") else ["llama"])]
 
 
 def _run_one(scenario: str, arch: str, args, progress) -> dict:
@@ -41,12 +41,12 @@ def _run_one(scenario: str, arch: str, args, progress) -> dict:
         return bench_sft.run(steps=1 if quick else args.steps, rounds=2 if quick else args.rounds,
                              batch=2 if quick else args.batch, seq=256 if quick else args.seq, scenarios=scenarios,
                              dims={**bench_sft.MODEL, "vocab_size": 32000} if quick else bench_sft.MODEL,
-                             progress=progress)
+                             arch=arch, progress=progress)
     if scenario == "decode":
         variants = ("unpatched", "patchkit.generate") if quick else bench_decode.VARIANTS
         return bench_decode.run(sizes=("20M",) if quick else args.sizes, batches=args.batches,
                                 new=32 if quick else args.new_tokens, rounds=1 if quick else min(args.rounds, 3),
-                                variants=variants, progress=progress)
+                                variants=variants, arch=arch, progress=progress)
     if scenario == "kernels":
         return bench_kernels.run(args.device, args.dtype, reps=1 if quick else args.rounds)
     return bench_context.run(cap_gib=args.cap_gib, progress=progress)
@@ -78,12 +78,12 @@ def rows(summary: dict) -> list[dict]:
         for name in ("lora", "full"):
             if name in summary:
                 u, p = summary[name]["unpatched"], summary[name]["patched"]
-                add(f"sft {name}", "llama", "tokens/s", u["tokens_per_s"], p["tokens_per_s"], "speed")
-                add(f"sft {name}", "llama", "MFU", u["mfu"], p["mfu"], "info")
-                add(f"sft {name}", "llama", "peak RSS (GiB)", u["peak_gib"], p["peak_gib"], "memory")
+                add(f"sft {name}", summary["arch"], "tokens/s", u["tokens_per_s"], p["tokens_per_s"], "speed")
+                add(f"sft {name}", summary["arch"], "MFU", u["mfu"], p["mfu"], "info")
+                add(f"sft {name}", summary["arch"], "peak RSS (GiB)", u["peak_gib"], p["peak_gib"], "memory")
     elif scenario == "decode":
         for r in summary["rows"]:
-            add(f"decode {r['size']} b{r['batch']}", "llama", "tokens/s", r["tok_s"]["unpatched"],
+            add(f"decode {r['size']} b{r['batch']}", r["arch"], "tokens/s", r["tok_s"]["unpatched"],
                 r["tok_s"]["patchkit.generate"], "speed")
     elif scenario == "kernels":
         for r in summary["rows"]:
@@ -146,7 +146,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchkit bench", description=__doc__)
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
-    parser.add_argument("--arch", nargs="+", default=["llama"], help="train: architectures to compare")
+    parser.add_argument("--arch", nargs="+", default=["llama"], help="train, sft, decode: architectures to compare")
     parser.add_argument("--quick", action="store_true", help="small shapes, one round each: under two minutes")
     parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this directory")
     parser.add_argument("--json", help="also write the raw summaries as JSON to this path")

@@ -24,12 +24,10 @@ MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_ke
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(state, lora: bool, dims: dict = MODEL):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _model(state, lora: bool, dims: dict = MODEL, arch: str = "llama"):
+    from patchkit.bench import model_for
 
-    config = LlamaConfig(**dims)
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    model = model_for(arch, dims)[1]
     model.load_state_dict(state)
     if not lora:
         return model
@@ -60,35 +58,35 @@ class _Timer(TrainerCallback):
 
 
 def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenarios=("lora", "full"),
-        dims: dict = MODEL, progress=None) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+        dims: dict = MODEL, arch: str = "llama", progress=None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from patchkit.bench import _matmul_flops
+    from patchkit.bench import _matmul_flops, model_for
     from patchkit.toy import documents, word_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(**dims)
-    state = LlamaForCausalLM(config).state_dict()
+    arch, model = model_for(arch, dims)
+    config, state = model.config, model.state_dict()
     tokenizer = word_tokenizer(config.vocab_size)
     data = documents(batch * (steps + 2) * 3, config.vocab_size, seq)
     n_params = sum(t.numel() for t in state.values())
     matmul_params = n_params - state["model.embed_tokens.weight"].numel()
-    summary = {"scenario": "sft", "batch": batch, "seq": seq, "params": n_params, "threads": torch.get_num_threads()}
+    summary = {"scenario": "sft", "arch": arch, "batch": batch, "seq": seq, "params": n_params,
+               "threads": torch.get_num_threads()}
     for scenario in scenarios:
         results = {v: {"s": [], "peak": [], "tokens": []} for v in ("unpatched", "patched")}
         order = ["unpatched", "patched"]
         for round_ in range(rounds):
             for variant in order if round_ % 2 == 0 else order[::-1]:
                 record = results[variant]
-                with patchkit.patched("llama") if variant == "patched" else contextlib.nullcontext():
+                with patchkit.patched(arch) if variant == "patched" else contextlib.nullcontext():
                     args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1,
                                      per_device_train_batch_size=batch, packing=True, max_length=seq,
                                      learning_rate=1e-4, logging_strategy="no", report_to="none", save_strategy="no",
                                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
                                      disable_tqdm=True)
-                    trainer = SFTTrainer(model=_model(state, scenario == "lora", dims), args=args, train_dataset=data,
-                                         processing_class=tokenizer, callbacks=[_Timer(record)])
+                    trainer = SFTTrainer(model=_model(state, scenario == "lora", dims, arch), args=args,
+                                         train_dataset=data, processing_class=tokenizer, callbacks=[_Timer(record)])
                     collate = trainer.data_collator
                     trainer.data_collator = lambda rows, _c=collate, _r=record: _count(_c(rows), _r)
                     trainer.train()
@@ -97,7 +95,8 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
         if "attention" not in summary:
-            summary["attention"] = attention_profile(state, results["unpatched"]["batch"], dims=dims)
+            summary["attention"] = attention_profile(state, results["unpatched"]["batch"], dims=dims,
+                                                     arch=arch)
         summary[scenario] = _summarise(results, matmul_params, config, seq, scenario == "lora")
     summary["matmul_gflops"] = _matmul_flops() / 1e9
     for scenario in scenarios:
@@ -107,16 +106,16 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     return summary
 
 
-def attention_profile(state, batch, rounds: int = 5, dims: dict = MODEL) -> dict:
+def attention_profile(state, batch, rounds: int = 5, dims: dict = MODEL, arch: str = "llama") -> dict:
     """The backbone's forward+backward on one packed batch of the benchmark, with only the `attention` op
     switched: what per-document attention changes, apart from every other op."""
-    model = _model(state, lora=False, dims=dims).train()
+    model = _model(state, lora=False, dims=dims, arch=arch).train()
     inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
     only_attention = {op: op == "attention" for op in ("rms_norm", "rope", "mlp", "cross_entropy", "attention", "lora")}
     times = {"unpatched": [], "patched": []}
     for round_ in range(rounds + 1):
         for variant in ("unpatched", "patched") if round_ % 2 else ("patched", "unpatched"):
-            with patchkit.patched("llama", **only_attention) if variant == "patched" else contextlib.nullcontext():
+            with patchkit.patched(arch, **only_attention) if variant == "patched" else contextlib.nullcontext():
                 start = time.perf_counter()
                 model.model(**inputs, use_cache=False).last_hidden_state.sum().backward()
                 if round_:  # the first round warms up
@@ -148,7 +147,8 @@ def _summarise(results, matmul_params, config, seq, lora):
 
 
 def report(summary: dict) -> str:
-    lines = [f"| SFTTrainer, packed {summary['batch']} x {summary['seq']} tokens, {summary['params'] / 1e6:.0f} M "
+    lines = [f"| {summary.get('arch', 'llama')} SFTTrainer, packed {summary['batch']} x {summary['seq']} tokens, "
+             f"{summary['params'] / 1e6:.0f} M "
              f"params, {summary['threads']} threads | unpatched | patched | patched / unpatched |", "|---|---|---|---|"]
     for scenario in ("lora", "full"):
         if scenario not in summary:

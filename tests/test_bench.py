@@ -40,6 +40,9 @@ def test_context_bisection_finds_the_boundary(monkeypatch):
     assert calls[:4] == [512, 1024, 2048, 4096]
     assert found["failed_at"] > 3000 >= found["longest"] >= 3000 * 0.95
     assert found["longest"] % 64 == 0
+    bounded = bench_context.longest("patched", "full", cap=1, start=512, limit=2048)  # still fits at the limit
+    assert (bounded["longest"], bounded["failed_at"]) == (2048, None)
+    assert [p["seq"] for p in bounded["probes"]] == [512, 1024, 2048]
 
 
 def test_context_probe_runs_in_a_child_and_is_stopped_at_the_cap():
