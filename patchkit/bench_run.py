@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def _run_one(scenario: str, arch: str, args, progress) -> dict:
                                 new=32 if quick else args.new_tokens, rounds=1 if quick else min(args.rounds, 3),
                                 variants=variants, arch=arch, progress=progress)
     if scenario == "kernels":
-        return bench_kernels.run(args.device, args.dtype, reps=1 if quick else args.rounds)
+        return bench_kernels.run(args.device, args.dtype, reps=3 if quick else args.rounds)
     return bench_context.run(cap_gib=args.cap_gib, progress=progress)
 
 
@@ -98,12 +99,17 @@ def rows(summary: dict) -> list[dict]:
     return out
 
 
+def _fmt(value: float, metric: str) -> str:
+    if metric == "MFU":
+        return f"{value:.0%}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| scenario | arch | metric | unpatched | patched | patched / unpatched |", "|---|---|---|---|---|---|"]
     for r in table:
-        fmt = "{:.0%}" if r["metric"] == "MFU" else "{:.3g}"
-        lines.append(f"| {r['scenario']} | {r['arch']} | {r['metric']} | {fmt.format(r['unpatched'])} | "
-                     f"{fmt.format(r['patched'])} | {r['ratio']:.2f}x |")
+        lines.append(f"| {r['scenario']} | {r['arch']} | {r['metric']} | {_fmt(r['unpatched'], r['metric'])} | "
+                     f"{_fmt(r['patched'], r['metric'])} | {r['ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -134,11 +140,22 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _proc(path: str, key: str) -> str | None:
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
 def machine() -> dict:
     import transformers
 
+    memory = _proc("/proc/meminfo", "MemTotal")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cpu": _proc("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "memory_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
+            "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
