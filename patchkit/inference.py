@@ -1,9 +1,10 @@
 """The inference path: prefill with the model's own forward, then one-token decode steps over a
 pre-allocated KV cache, in a lean loop (gpt-fast's shape: one `decode` function per token).
 
-The decode step is the architecture's (`Llama.decode_layer` and its overrides): it calls the
-model's own norm, MLP and attention-function code, writes the rotated key straight into the
-cache slot, and reads the cache through views: no per-step mask building, no concatenation.
+The decode step is the architecture's (`Llama.decode` and its overrides): patchkit's fused norm,
+RoPE and MLP kernels over the model's own weights, the rotated key written straight into its
+cache slot, attention over views of the cache: no per-step mask building, no concatenation, no
+autograd nodes.
 `generate` drives it; `for_inference(model)` also routes `model.generate` calls it can serve.
 """
 
@@ -47,8 +48,7 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class DecodeState:
     """Pre-allocated keys and values per layer, (batch, kv heads, max length, head dim), and the masks."""
 
-    def __init__(self, backbone, cache, attention_mask, max_len: int, implementation: str):
-        config = backbone.config
+    def __init__(self, cache, attention_mask, max_len: int, implementation: str):
         batch, prompt = attention_mask.shape
         self.keys, self.values = [], []
         for layer in cache.layers:  # the prefill's cache: sliding layers may hold only their window's tail
@@ -65,11 +65,11 @@ class DecodeState:
             valid[:, :prompt] = attention_mask.bool()
             if implementation == "eager":
                 dtype = self.keys[0].dtype
-                self.mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)
+                self.mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(
+                    ~valid, torch.finfo(dtype).min)
             else:
                 self.mask = valid
             self.mask = self.mask[:, None, None, :]
-        self.config = config
 
     def window(self, layer_idx: int, size: int | None):
         """(keys, values, mask) views over the slots the current token attends to."""
@@ -105,8 +105,11 @@ class Decoding:
     """A prefilled batch: `logits` for the next token; `step(tokens)` feeds one token per row and renews them."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
+        from . import patcher
+
         arch_cls, self.lm = architecture_of(model)
-        self.arch = arch_cls()
+        patched = patcher.state(arch_cls.name)
+        self.arch = patched.arch if patched else arch_cls()  # the backend it was patched with, else "auto"
         implementation = self.lm.config._attn_implementation
         if implementation not in ATTENTION:
             raise ValueError(f"patchkit's decode step runs {' or '.join(ATTENTION)} attention, not {implementation!r}: "
@@ -116,8 +119,8 @@ class Decoding:
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                       logits_to_keep=1)
-        self.state = DecodeState(self.lm.base_model, getattr(out, "cache", None) or out.past_key_values,
-                                 attention_mask, input_ids.shape[1] + max_new_tokens, implementation)
+        cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5.24 renamed the field
+        self.state = DecodeState(cache, attention_mask, input_ids.shape[1] + max_new_tokens, implementation)
         self.logits, self.position = out.logits[:, -1], positions[:, -1:]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The inference path: patchkit.generate, for_inference / for_training, the decode step of every family."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -212,3 +214,15 @@ def test_project_matches_linear_for_few_rows():
     with torch.inference_mode():
         torch.testing.assert_close(inference.project(linear, x), linear(x))
         torch.testing.assert_close(inference.project(linear, x[:1]), linear(x[:1]))
+
+
+def test_decode_uses_the_backend_the_family_was_patched_with(monkeypatch):
+    norm_module = importlib.import_module("patchkit.kernels.rms_norm")  # the package exports the op by that name
+    model = tiny_model(A.Llama).eval()
+    seen = []
+    real = norm_module.dispatch
+    monkeypatch.setattr(norm_module, "dispatch", lambda op, backend, device: seen.append(backend) or real(
+        op, backend, device))
+    with patchkit.patched("llama", backend="torch"):
+        patchkit.generate(model, torch.ones(1, 4, dtype=torch.long), 3)
+    assert seen and set(seen) == {"torch"}
