@@ -211,7 +211,6 @@ def _fused_causal_lm_forward(original, backend):
 
 def _trl_output(hidden, weight, labels, softcap, loss_kwargs):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul."""
-    import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
     from patchkit.kernels.log_probs import linear_log_probs

@@ -24,15 +24,11 @@ MODEL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_ke
 def _probe(variant: str, scenario: str, seq: int, dims: dict) -> dict:
     """In the child: one training step; returns its peak resident bytes and seconds."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import patchkit
-    from patchkit.bench import _status
+    from patchkit.bench import _status, model_for
 
-    config = LlamaConfig(**dims)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = model_for("llama", dims)[1]
     if scenario == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -79,6 +79,11 @@ class DecodeState:
         return self.keys[layer_idx][:, :, start:end], self.values[layer_idx][:, :, start:end], mask
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` computes them: counted over the unmasked tokens (pads get 1)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
+
+
 def architecture_of(model):
     from . import _resolve, _unwrap
 
@@ -116,12 +121,12 @@ class Decoding:
                              "load the model with attn_implementation='sdpa', or use transformers' own generate")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1)
+        prompt_positions = positions(attention_mask)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_positions,
+                      use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5.24 renamed the field
         self.state = DecodeState(cache, attention_mask, input_ids.shape[1] + max_new_tokens, implementation)
-        self.logits, self.position = out.logits[:, -1], positions[:, -1:]
+        self.logits, self.position = out.logits[:, -1], prompt_positions[:, -1:]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.position = self.position + 1

@@ -87,13 +87,11 @@ def tiny_batch(vocab_size: int, *, batch: int = 3, seq: int = 19, seed: int = 1)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _positions(mask):
-    return (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-
-
 def _reference_decode(model, ids, mask):
     """The logits the decode steps must give: one forward over the whole sequence."""
-    return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -DECODE_STEPS - 1:-1]
+    from .inference import positions
+
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -DECODE_STEPS - 1:-1]
 
 
 def _inference_decode(model, ids, mask):
