@@ -15,7 +15,7 @@
 
 from typing import ClassVar
 
-from .llama import Llama
+from .llama import Llama, rope_table
 
 
 class Gemma(Llama):
@@ -50,5 +50,5 @@ class Gemma3Text(Gemma2):
 
     def decode_rope(self, backbone, h, position):  # main diff with Gemma 2: one rotary table per layer type
         types = backbone.config.layer_types
-        tables = {kind: backbone.rotary_emb(h, position, kind) for kind in set(types)}
+        tables = {kind: rope_table(backbone.rotary_emb(h, position, kind), h.dtype) for kind in set(types)}
         return lambda i: tables[types[i]]

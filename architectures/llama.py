@@ -104,59 +104,64 @@ class Llama(Architecture):
     # --- inference: one token per step over a pre-allocated cache (patchkit.inference) -------------------
 
     def decode(self, lm, tokens, position, state):
-        """Logits (batch, vocab) for the token after `tokens` (batch, 1) at `position` (batch, 1)."""
+        """Logits (batch, vocab) for the token after `tokens` (batch,) at `position` (batch, 1); the hidden states
+        are (batch, hidden): one row per sequence."""
         backbone = lm.base_model
         h = backbone.embed_tokens(tokens)
         rope = self.decode_rope(backbone, h, position)
-        for i, layer in enumerate(backbone.layers[: backbone.config.num_hidden_layers]):
+        for i, layer in enumerate(state.layers):
             h = self.decode_layer(layer, h, rope(i), state, i)
-        logits = project(lm.get_output_embeddings(), self.norm(backbone.norm, h[:, -1]))
-        softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        logits = project(lm.get_output_embeddings(), self.norm(backbone.norm, h))
+        softcap = state.final_softcap
         return torch.tanh(logits / softcap) * softcap if softcap else logits
 
     def decode_rope(self, backbone, h, position):
-        """(cos, sin) of layer i, as a function of i: one rotary table for every layer."""
-        cos_sin = backbone.rotary_emb(h, position)
-        return lambda i: cos_sin
+        """(cos, signed sin) of layer i, as a function of i (see `kernels.rope_into`): one table for every layer."""
+        table = rope_table(backbone.rotary_emb(h, position), h.dtype)
+        return lambda i: table
 
     def decode_layer(self, layer, h, rope, state, i):
         h = h + self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h), rope, state, i)
         return h + self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h))
 
     def decode_window(self, attn) -> int | None:
-        """The sliding window of this attention layer, or None."""
-        return getattr(attn, "sliding_window", None)
+        """The sliding window of this attention layer, or None (asked once per layer, before the first step)."""
+        return vars(attn).get("sliding_window")
 
     def decode_qk(self, attn, x):
-        """Query and key (batch, heads, 1, head dim), normed per head where the layer has q/k norms."""
-        shape = (x.shape[0], 1, -1, attn.head_dim)
+        """Query and key (batch, heads, head dim), normed per head where the layer has q/k norms."""
+        shape = (x.shape[0], -1, attn.head_dim)
         q, k = project(attn.q_proj, x).view(shape), project(attn.k_proj, x).view(shape)
-        if getattr(attn, "q_norm", None) is not None:
+        if attn._modules.get("q_norm") is not None:
             q, k = self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
-        return q.transpose(1, 2), k.transpose(1, 2)
+        return q, k
 
     def decode_attention(self, attn, x, rope, state, i):
         """q/k/v, RoPE (the key rotated straight into its cache slot), attention over cache views, o_proj:
         one sdpa call over the heads packed by kv head, or the model's own attention function (eager, softcap)."""
         batch = x.shape[0]
         q, k = self.decode_qk(attn, x)
-        cos, sin = (t.unsqueeze(1) for t in rope)
-        slot = slice(state.length, state.length + 1)
-        q = K.rope_into(q, cos, sin)
-        K.rope_into(k, cos, sin, out=state.keys[i][:, :, slot])
-        state.values[i][:, :, slot] = project(attn.v_proj, x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-        keys, values, mask = state.window(i, self.decode_window(attn))
-        softcap = getattr(attn, "attn_logit_softcapping", None)
-        if attn.config._attn_implementation == "sdpa" and softcap is None:  # one query: its heads share a kv head
-            out = F.scaled_dot_product_attention(q.reshape(batch, keys.shape[1], -1, q.shape[-1]), keys, values,
+        keys, values, mask = state.window(i)  # the current token's slot is the last of the window
+        q = K.rope_into(q, *rope)
+        K.rope_into(k, *rope, out=keys.select(2, -1))
+        values.select(2, -1).copy_(project(attn.v_proj, x).view(k.shape))
+        softcap = vars(attn).get("attn_logit_softcapping")
+        if state.implementation == "sdpa" and softcap is None:  # one query: its heads share a kv head
+            out = F.scaled_dot_product_attention(q.view(batch, keys.shape[1], -1, q.shape[-1]), keys, values,
                                                  attn_mask=mask, scale=attn.scaling)
-            return project(attn.o_proj, out.reshape(batch, 1, -1))
+            return project(attn.o_proj, out.view(batch, -1))
         module = sys.modules[type(attn).__module__]
-        function = module.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                                 module.eager_attention_forward)
-        out, _ = function(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling,
+        function = module.ALL_ATTENTION_FUNCTIONS.get_interface(state.implementation, module.eager_attention_forward)
+        out, _ = function(attn, q.unsqueeze(2), keys, values, mask, dropout=0.0, scaling=attn.scaling,
                           **({"softcap": softcap} if softcap is not None else {}))
-        return project(attn.o_proj, out.reshape(batch, 1, -1))
+        return project(attn.o_proj, out.reshape(batch, -1))
+
+
+def rope_table(cos_sin, dtype):
+    """A rotary module's (cos, sin), (batch, 1, head dim), as `kernels.rope_into` takes them: in `dtype`, the sine
+    signed."""
+    cos, sin = cos_sin
+    return cos.to(dtype), K.signed_sin(sin.to(dtype))
 
 
 def _fused_causal_lm_forward(original, backend):

@@ -11,7 +11,7 @@ from .cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entro
 from .lora import Projection, lora_linear, lora_linear_torch, lora_mlp, lora_mlp_torch
 from .mlp import geglu, geglu_torch, geglu_triton, swiglu, swiglu_torch, swiglu_triton
 from .rms_norm import rms_norm, rms_norm_torch, rms_norm_triton
-from .rope import apply_rope, apply_rope_torch, apply_rope_triton, rope_into
+from .rope import apply_rope, apply_rope_torch, apply_rope_triton, rope_into, signed_sin
 
 # matmuls with in-place epilogues: the same composition serves every backend
 COMPOSITE = {"lora_linear": lora_linear_torch, "lora_mlp": lora_mlp_torch}
@@ -69,5 +69,5 @@ LIGER = Provider(
 __all__ = [
     "LIGER", "OPS", "BackendError", "Projection", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache",
     "dispatch", "fused_linear_cross_entropy", "geglu", "lora_linear", "lora_mlp", "resolve", "rms_norm", "rope_into",
-    "swiglu",
+    "signed_sin", "swiglu",
 ]

@@ -26,9 +26,16 @@ def _rotate(x, cos, sin, sign, out=None):
     return out
 
 
-def rope_into(x, cos, sin, out=None):
-    """`x` rotated (no autograd; inference), written into `out` when given: a key straight into its cache slot."""
-    return _rotate(x, cos.to(x.dtype), sin.to(x.dtype), 1, out)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` with its first half negated: `rotate_half(x) * sin == x.roll(half, -1) * signed_sin(sin)`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def rope_into(x, cos, signed, out=None):
+    """`x` rotated (no autograd; inference; `signed` from `signed_sin`), three ops in all, written into `out` when
+    given: a key straight into its cache slot."""
+    return torch.mul(x, cos, out=out).addcmul_(x.roll(x.shape[-1] // 2, -1), signed)
 
 
 class _Rope(torch.autograd.Function):

@@ -216,6 +216,36 @@ def test_project_matches_linear_for_few_rows():
         torch.testing.assert_close(inference.project(linear, x[:1]), linear(x[:1]))
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL-packed weights need a torch built with MKL")
+def test_packed_weights_serve_their_row_count_only():
+    linear = torch.nn.Linear(64, 96)
+    packs = inference.Packs(4)
+    token = inference._packs.set(packs)
+    try:
+        with torch.inference_mode():
+            for rows in (4, 3, 1):
+                x = torch.randn(rows, 64)
+                torch.testing.assert_close(inference.project(linear, x), linear(x))
+    finally:
+        inference._packs.reset(token)
+    assert list(packs) == [linear] and packs[linear] is not None  # packed once, on first use with 4 rows
+    assert not inference.Packs(1).budget and not inference.Packs(65).budget  # only 2 to 64 rows
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL-packed weights need a torch built with MKL")
+def test_batched_decoding_packs_each_plain_linear_within_its_budget():
+    model = tiny_model(A.Llama).eval()
+    ids, mask = _prompts(model.config.vocab_size)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    decoding, starved = inference.Decoding(model, ids, mask, 4), inference.Decoding(model, ids, mask, 4)
+    starved.packs.budget = 0  # no free memory: the plain weights serve
+    tokens = decoding.logits.argmax(-1)
+    with torch.inference_mode():
+        torch.testing.assert_close(decoding.step(tokens), starved.step(tokens))
+    assert set(decoding.packs) == set(linears) and all(p is not None for p in decoding.packs.values())
+    assert all(p is None for p in starved.packs.values())
+
+
 def test_decode_uses_the_backend_the_family_was_patched_with(monkeypatch):
     norm_module = importlib.import_module("patchkit.kernels.rms_norm")  # the package exports the op by that name
     model = tiny_model(A.Llama).eval()

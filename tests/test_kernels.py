@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from patchkit import kernels
 from patchkit.kernels import reference
 
 
@@ -90,6 +91,22 @@ def test_rms_norm_gemma(K, dtype, shape):
     x, w = torch.randn(shape).to(dtype), (0.1 * torch.randn(shape[-1])).to(dtype)
     _compare(lambda x, w: K.rms_norm(x, w, 1e-6, offset=1.0, cast="gemma"), lambda x, w: gemma_rms_norm(x, w, 1e-6),
              [x, w], dtype)
+
+
+def test_rms_norm_inference_is_the_reference_bit_for_bit():
+    """Without autograd, float32 Llama norms take torch's one-op rms_norm: the same bits as the reference."""
+    x, w = torch.randn(5, 3, 200), torch.randn(200)
+    with torch.inference_mode():
+        assert torch.equal(kernels.rms_norm(x, w, 1e-6, backend="torch"), llama_rms_norm(x, w, 1e-6))
+
+
+def test_rope_into_rotates_like_the_reference():
+    q, cos, sin = torch.randn(3, 4, 64), torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    expected = reference.apply_rope(q, q, cos, sin)[0]
+    torch.testing.assert_close(kernels.rope_into(q, cos, kernels.signed_sin(sin)), expected)
+    slot = torch.empty(3, 10, 4, 64)[:, 2]  # a strided cache slot
+    kernels.rope_into(q, cos, kernels.signed_sin(sin), out=slot)
+    torch.testing.assert_close(slot, expected)
 
 
 def test_rms_norm_mixed_weight_dtype(K):

@@ -22,10 +22,9 @@ class Olmo2(Llama):
         return h + self.norm(layer.post_feedforward_layernorm, self.feed_forward(layer.mlp, h))
 
     def decode_qk(self, attn, x):  # diff: q/k norms over all heads, before the split
-        shape = (x.shape[0], 1, -1, attn.head_dim)
-        q = self.norm(attn.q_norm, project(attn.q_proj, x)).view(shape)
-        k = self.norm(attn.k_norm, project(attn.k_proj, x)).view(shape)
-        return q.transpose(1, 2), k.transpose(1, 2)
+        shape = (x.shape[0], -1, attn.head_dim)
+        return (self.norm(attn.q_norm, project(attn.q_proj, x)).view(shape),
+                self.norm(attn.k_norm, project(attn.k_proj, x)).view(shape))
 
 
 @patchkit.hookimpl
