@@ -132,7 +132,7 @@ class Llama(Architecture):
         """Query and key (batch, heads, head dim), normed per head where the layer has q/k norms."""
         shape = (x.shape[0], -1, attn.head_dim)
         q, k = project(attn.q_proj, x).view(shape), project(attn.k_proj, x).view(shape)
-        if attn._modules.get("q_norm") is not None:
+        if attn._modules.get("q_norm") is not None:  # a getattr miss on a module raises: too dear per step
             q, k = self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
         return q, k
 

@@ -58,7 +58,8 @@ def apply_rope_torch(q, k, cos, sin):
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _Rope.apply(q, k, cos, sin)
-    return _rotate(q, cos, sin, 1), _rotate(k, cos, sin, 1)  # inference: no autograd node to build
+    signed = signed_sin(sin)  # inference: no autograd node to build, three ops per tensor
+    return rope_into(q, cos, signed), rope_into(k, cos, signed)
 
 
 # --- triton ---------------------------------------------------------------------------------
