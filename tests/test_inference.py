@@ -47,6 +47,16 @@ def test_greedy_is_token_identical_to_transformers(arch, attn):
             assert torch.equal(got, reference)
 
 
+@pytest.mark.parametrize("arch", [A.Llama, A.Gemma2], ids=lambda a: a.name)
+def test_decode_runs_the_triton_kernels(arch):
+    """With backend="triton" the decode step's norms and MLP are patchkit's Triton kernels (the interpreter on CPU)."""
+    model = tiny_model(arch).eval()
+    ids, mask = _prompts(model.config.vocab_size, batch=2, length=7)
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with patchkit.patched(arch.name, backend="triton"):
+        assert torch.equal(patchkit.generate(model, ids, 8, attention_mask=mask, pad_token_id=0), reference)
+
+
 def test_generate_works_on_an_unpatched_model_and_leaves_it_unpatched():
     model = tiny_model(A.Llama).eval()
     ids, mask = _prompts(model.config.vocab_size)
