@@ -17,10 +17,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return dispatch("apply_rope", backend, q.device)(q, k, cos, sin)
 
 
-def _rotate(x, cos, sin, sign, out=None):
-    """`x * cos + sign * rotate_half(x) * sin`; sign=-1 applies the transpose (the backward). Into `out` if given."""
+def _rotate(x, cos, sin, sign):
+    """`x * cos + sign * rotate_half(x) * sin`; sign=-1 applies the transpose (the backward)."""
     half = x.shape[-1] // 2
-    out = torch.mul(x, cos, out=out) if out is not None else x * cos
+    out = x * cos
     out[..., :half].addcmul_(x[..., half:], sin[..., :half] if sign > 0 else sin[..., half:], value=-sign)
     out[..., half:].addcmul_(x[..., :half], sin[..., half:] if sign > 0 else sin[..., :half], value=sign)
     return out

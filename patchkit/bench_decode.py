@@ -84,7 +84,7 @@ def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, 
         arch: str = "llama", progress=None) -> dict:
     bandwidth = stream_read_bytes_per_s()  # and again at the end: the faster of the two sets the limit
     summary = {"scenario": "decode", "new_tokens": new, "prompt": PROMPT, "threads": torch.get_num_threads(),
-               "stream_read_gb_s": bandwidth / 1e9, "rows": []}
+               "rows": []}
     for size in sizes:
         name, model = _model(size, arch)
         params = sum(p.numel() for p in model.parameters())

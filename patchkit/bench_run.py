@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from patchkit.inference import proc_field
+
 SCENARIOS = ("train", "sft", "decode", "kernels", "context")
 QUICK_TRAIN = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=688, vocab_size=32000, max_position_embeddings=2048)
@@ -140,20 +142,12 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _proc(path: str, key: str) -> str | None:
-    try:
-        with open(path) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
-    except OSError:
-        return None
-
-
 def machine() -> dict:
     import transformers
 
-    memory = _proc("/proc/meminfo", "MemTotal")
+    memory = proc_field("/proc/meminfo", "MemTotal")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": _proc("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+            "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "memory_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -44,20 +44,26 @@ class Packs(dict):
 
     def __missing__(self, linear: nn.Linear):
         weight, packed = linear.weight, None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() * 4 <= self.budget:
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.nbytes <= self.budget:
             packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.rows)
-            self.budget -= weight.numel() * 4
+            self.budget -= weight.nbytes
         self[linear] = packed
         return packed
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The value of `key:` in a Linux /proc file such as /proc/meminfo, or None where there is none."""
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
 def _available_memory() -> int:
     """Linux's estimate of the memory available without swapping (MemAvailable), in bytes; 0 where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 0
+    available = proc_field("/proc/meminfo", "MemAvailable")
+    return int(available.split()[0]) * 1024 if available else 0
 
 
 _packs: ContextVar[Packs | None] = ContextVar("patchkit_packs", default=None)  # set by `Decoding.step`
