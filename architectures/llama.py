@@ -27,7 +27,7 @@ from torch import nn
 from patchkit import kernels as K
 from patchkit.architecture import Architecture, replaces
 from patchkit.attention import interface as packed_attention
-from patchkit.inference import project
+from patchkit.products import project
 from patchkit.integrations import lora_projection
 
 
@@ -82,10 +82,11 @@ class Llama(Architecture):
 
     def feed_forward(self, module, x, original=None):
         """The gated MLP with the activation kernel its `act_fn` calls for (LoRA on its projections: one node)."""
-        kernel = _activation_kernels().get(type(module.act_fn))
+        modules = module._modules  # no nn.Module attribute lookups: this runs per layer and token
+        kernel = _activation_kernels().get(type(modules.get("act_fn")))
         if kernel is None:
             return original(module, x) if original else module(x)
-        layers = (module.gate_proj, module.up_proj, module.down_proj)
+        layers = (modules["gate_proj"], modules["up_proj"], modules["down_proj"])
         if self.enabled.get("lora", False) and any(type(layer) is not nn.Linear for layer in layers):
             projections = [lora_projection(layer, x) for layer in layers]
             if all(projections) and any(p.lora_a is not None for p in projections):

@@ -7,8 +7,8 @@ repeated). `reduction="none"` keeps the per-token log-sum-exp and recomputes eac
 backward, where the per-token gradient is known. Ignored tokens are dropped before the matmul.
 
 Semantics follow transformers' `ForCausalLMLoss`: `labels` align with `hidden` and are shifted
-here; pre-shifted `shift_labels` are used as given. An all-ignored batch gives a loss of 0 with
-zero gradients, where `F.cross_entropy(reduction="mean")` would give NaN.
+here; pre-shifted `shift_labels` are used as given. A batch with no token to learn (every label
+ignored, or `num_items_in_batch=0`) gives transformers' number, NaN (0 / 0), with zero gradients.
 """
 
 from __future__ import annotations
@@ -183,11 +183,10 @@ def _fused(rows_fn, hidden, weight, labels, *, ignore_index=-100, softcap=None, 
         index = keep.nonzero().squeeze(1)
         h, targets = h.index_select(0, index), targets.index_select(0, index)
     if num_items_in_batch is not None:
-        scale = 1.0 / float(num_items_in_batch)
-    elif reduction == "mean":
-        scale = 1.0 / max(targets.numel(), 1)
+        count = float(num_items_in_batch)
     else:
-        scale = 1.0
+        count = targets.numel() if reduction == "mean" else 1
+    scale = 1.0 / count if count else float("nan")  # nothing to learn: 0 / 0, as `ForCausalLMLoss` gives
     return _SummedCE.apply(h, weight, targets, softcap, scale, rows_fn)
 
 

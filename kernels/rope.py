@@ -6,6 +6,8 @@ axis). Backward keeps only cos and sin, which every layer shares: the op is line
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._dispatch import dispatch
@@ -26,10 +28,16 @@ def _rotate(x, cos, sin, sign):
     return out
 
 
+@functools.cache
+def _half_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a plain tensor, whichever mode first asks for it
+        return torch.ones(dim, dtype=dtype, device=device).index_fill_(0, torch.arange(dim // 2, device=device), -1)
+
+
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """`sin` with its first half negated: `rotate_half(x) * sin == x.roll(half, -1) * signed_sin(sin)`."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+    """`sin` with its first half negated: `rotate_half(x) * sin == x.roll(half, -1) * signed_sin(sin)`. One
+    multiply by cached signs (exact: the same bits as negating), not a slice-negate-concatenate."""
+    return sin * _half_signs(sin.shape[-1], sin.dtype, sin.device)
 
 
 def rope_into(x, cos, signed, out=None):

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import difflib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import integrations, patcher
-from .inference import for_inference, for_training, generate
+from .generation import for_inference, for_training, generate
 from .architecture import Architecture, replaces
 from .kernels import BackendError, Provider
 from .patcher import PatchError
@@ -36,16 +37,22 @@ class UnknownArchitectureError(PatchError, ValueError):
 
 
 class Patch:
-    """Handle of one `patch()` call; a context manager that undoes what that call applied."""
+    """Handle of one `patch()` call; a context manager that undoes exactly what that call did.
 
-    def __init__(self, names: list[str], applied: list[str], backend: str):
-        self.architectures, self._applied, self.backend = names, applied, backend
+    Patches of one family stack: the latest one's options are live. `unpatch()` takes this handle's patch out:
+    where it was live, the patch below it becomes live again (or the family is restored when none is left);
+    where a later patch is live, nothing changes. Nested `with patched(...)` blocks thus leave the outer block's
+    patch as it was. `patchkit.unpatch(family)` takes out every handle's patch at once."""
+
+    def __init__(self, names: list[str], backend: str):
+        self.architectures, self.backend = names, backend
+        self._held: list[str] = []
 
     def unpatch(self) -> None:
         with patcher.lock:
-            for name in reversed(self._applied):
-                patcher.restore(name)
-            self._applied = []
+            for name in reversed(self._held):
+                patcher.release(name, self)
+            self._held = []
             integrations.sync()
 
     @staticmethod
@@ -84,6 +91,9 @@ def _model_types(target: Any) -> list[str]:
     return [t for t in types if t]
 
 
+TARGETS = "an architecture name, a model type, a config, a model (PEFT-wrapped too), a list of those, or None"
+
+
 def _resolve(target: Any) -> list[type[Architecture]]:
     registry = manager()
     if target is None:
@@ -91,14 +101,17 @@ def _resolve(target: Any) -> list[type[Architecture]]:
     if isinstance(target, (list, tuple, set)):
         return [arch for item in target for arch in _resolve(item)]
     keys = [target] if isinstance(target, str) else _model_types(target)
+    if not keys:
+        raise TypeError(f"patchkit takes {TARGETS}; got {type(target).__name__} {target!r:.80}")
     for key in keys:
         if key in registry.model_types:
             return [registry.model_types[key]]
-    known = ", ".join(sorted(registry.model_types))
+    known = sorted(registry.model_types)
+    close = difflib.get_close_matches(str(keys[0]).lower(), known, n=1, cutoff=0.5)
     raise UnknownArchitectureError(
-        f"no patchkit architecture for {keys[0] if keys else type(target).__name__!r}; known architectures and "
-        f"model types: {known}. Install a plugin that adds it (see `patchkit plugins`) or subclass "
-        f"patchkit.architectures.Llama.")
+        f"no patchkit architecture for {keys[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}; known "
+        f"architectures and model types: {', '.join(known)}. Install a plugin that adds it (see `patchkit plugins`) "
+        f"or subclass patchkit.architectures.Llama.")
 
 
 def _check_backend(backend: str, target: Any, archs: list[type[Architecture]]) -> None:
@@ -117,7 +130,8 @@ def patch(target: Any = None, *, backend: str = "auto", **ops: bool) -> Patch:
     """Patch the architecture(s) of `target`: a name, a model type, a config, a model (PEFT too) or None (all).
 
     `ops` switch single ops off or on (`rms_norm=False`). Idempotent and atomic: on a missing
-    attribute nothing changes and `PatchError` says which.
+    attribute nothing changes and `PatchError` says which. A second patch of a family stacks on the first
+    (its options are live until its handle is unpatched; see `Patch`).
     """
     archs = _resolve(target)
     known_ops = {op for arch in archs for op in arch.ops()}
@@ -125,25 +139,24 @@ def patch(target: Any = None, *, backend: str = "auto", **ops: bool) -> Patch:
     if unknown:
         raise TypeError(f"unknown op(s) {', '.join(unknown)}; the ops are {', '.join(sorted(known_ops))}")
     _check_backend(backend, target, archs)
-    applied: list[str] = []
+    handle = Patch([a.name for a in archs], backend)
     with patcher.lock:
         try:
             for arch in archs:
-                if patcher.apply(arch(backend, {op: bool(on) for op, on in ops.items()})):
-                    applied.append(arch.name)
+                patcher.hold(arch(backend, {op: bool(on) for op, on in ops.items()}), handle)
+                handle._held.append(arch.name)
         except BaseException:
-            for name in reversed(applied):
-                patcher.restore(name)
+            handle.unpatch()
             raise
         integrations.sync()
-    return Patch([a.name for a in archs], applied, backend)
+    return handle
 
 
 def unpatch(target: Any = None) -> None:
-    """Restore every object the patch of `target`'s architecture(s) replaced."""
+    """Restore every object the patches of `target`'s architecture(s) replaced, whichever handles hold them."""
     with patcher.lock:
         for arch in _resolve(target):
-            patcher.restore(arch.name)
+            patcher.clear(arch.name)
         integrations.sync()
 
 

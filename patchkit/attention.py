@@ -34,6 +34,8 @@ def interface(original, module):
 def per_document(resolve: Callable[[], Callable], causal_without_mask: bool = False) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         fn = resolve()
+        if query.shape[2] < 2:  # one query a row (decoding): nothing to split
+            return fn(module, query, key, value, attention_mask, **kwargs)
         docs = documents(query, key, attention_mask, kwargs.get("position_ids"))
         if docs is None:
             return fn(module, query, key, value, attention_mask, **kwargs)

@@ -1,11 +1,14 @@
 """`patchkit bench decode`: token-by-token generation, float32, patched vs unpatched, in one process.
 
-Llama-shaped models of about 20 M and 125 M parameters (vocab 32000), a 32-token prompt, 128 new
-tokens (EOS off, so every variant decodes the same count), batch 1 and 8. Variants: unpatched
-`model.generate` with transformers' dynamic cache and with its static cache; `model.generate` of a
-patched model (transformers' loop over the fused ops); the same after `for_inference` (routed to
-the lean loop); `patchkit.generate`. Each round runs every variant once, in an order reversed every
-other round so the machine's drift cancels; tokens/s (prefill included) is the median over rounds.
+Llama-shaped models of about 20 M and 125 M parameters (vocab 32000), a 32-token prompt (left-padded by
+0, 2, 4, ... tokens per row in a batch), 128 new tokens, batch 1 and 8. Every variant makes the same
+call, `model.generate(ids, attention_mask=mask, max_new_tokens=128, min_new_tokens=128, do_sample=False)`
+(`min_new_tokens` holds EOS back, so every variant decodes the same count), but for "EOS off", which
+passes `eos_token_id=None` instead of `min_new_tokens`. Variants: unpatched, with transformers' dynamic
+cache and with its static cache; a patched model (transformers' loop over the fused ops); the same after
+`for_inference` (patchkit's decode loop), with `min_new_tokens` and with EOS off; `patchkit.generate`.
+Each round runs every variant once, in an order reversed every other round so the machine's drift
+cancels; tokens/s (prefill included) is the median over rounds.
 
 The bandwidth limit is what batch-1 decoding could reach if it did nothing but read every weight
 once per token: a streaming read measured in the same run (the sum of a touched 1 GiB tensor, the
@@ -32,7 +35,7 @@ SIZES = {
 }
 VOCAB, PROMPT = 32000, 32
 VARIANTS = ("unpatched", "unpatched static cache", "patched model.generate", "for_inference model.generate",
-            "patchkit.generate")
+            "for_inference, EOS off", "patchkit.generate")
 
 
 def _model(size: str, arch: str = "llama"):
@@ -54,30 +57,40 @@ def stream_read_bytes_per_s(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / min(times)
 
 
-def _generate(variant: str, model, ids, new: int):
-    greedy = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+def _generate(variant: str, model, ids, mask, new: int):
+    call = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if variant == "patchkit.generate":
-        return patchkit.generate(model, ids, new, eos_token_id=[])
-    if variant == "for_inference model.generate":
+        return patchkit.generate(model, ids, **call)
+    if variant.startswith("for_inference"):
+        if variant.endswith("EOS off"):
+            del call["min_new_tokens"]
+            call["eos_token_id"] = None
         patchkit.for_inference(model)
         try:
-            return model.generate(ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+            return model.generate(ids, **call)
         finally:
             patchkit.for_training(model).eval()
     if variant == "unpatched static cache":
-        return model.generate(ids, cache_implementation="static", **greedy)
-    return model.generate(ids, **greedy)
+        return model.generate(ids, cache_implementation="static", **call)
+    return model.generate(ids, **call)
 
 
-def _timed(variant: str, model, ids, new: int) -> float:
+def _timed(variant: str, model, ids, mask, new: int) -> float:
     patched = variant not in ("unpatched", "unpatched static cache")
     with patchkit.patched(model.config.model_type) if patched else contextlib.nullcontext():
         start = time.perf_counter()
-        out = _generate(variant, model, ids, new)
+        out = _generate(variant, model, ids, mask, new)
         seconds = time.perf_counter() - start
     if out.shape[1] != ids.shape[1] + new:
         raise RuntimeError(f"{variant} decoded {out.shape[1] - ids.shape[1]} tokens, not {new}")
     return ids.shape[0] * new / seconds
+
+
+def prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random prompts of PROMPT tokens, row i left-padded by 2i tokens."""
+    ids = torch.randint(3, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+    mask = (torch.arange(PROMPT) >= 2 * torch.arange(batch)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, variants=VARIANTS,
@@ -90,13 +103,13 @@ def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, 
         params = sum(p.numel() for p in model.parameters())
         read = (params - model.get_input_embeddings().weight.numel()) * 4
         for batch in batches:
-            ids = torch.randint(3, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+            ids, mask = prompts(batch)
             speeds = {v: [] for v in variants}
-            for v in variants:  # warm-up: first calls allocate and dispatch
-                _timed(v, model, ids, 4)
+            for v in variants:  # warm-up: first calls allocate, dispatch and time the products (patchkit.products)
+                _timed(v, model, ids, mask, 4)
             for round_ in range(rounds):
                 for v in variants if round_ % 2 == 0 else variants[::-1]:
-                    speeds[v].append(_timed(v, model, ids, new))
+                    speeds[v].append(_timed(v, model, ids, mask, new))
                 if progress:
                     progress(f"{size} batch {batch} round {round_ + 1}/{rounds}: " + ", ".join(
                         f"{v} {s[-1]:.0f}" for v, s in speeds.items()) + " tok/s")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from patchkit.inference import proc_field
+from patchkit.products import proc_field
 
 SCENARIOS = ("train", "sft", "decode", "kernels", "context")
 QUICK_TRAIN = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -46,7 +46,7 @@ def _run_one(scenario: str, arch: str, args, progress) -> dict:
                              dims={**bench_sft.MODEL, "vocab_size": 32000} if quick else bench_sft.MODEL,
                              arch=arch, progress=progress)
     if scenario == "decode":
-        variants = ("unpatched", "patchkit.generate") if quick else bench_decode.VARIANTS
+        variants = ("unpatched", "for_inference model.generate") if quick else bench_decode.VARIANTS
         return bench_decode.run(sizes=("20M",) if quick else args.sizes, batches=args.batches,
                                 new=32 if quick else args.new_tokens, rounds=1 if quick else min(args.rounds, 3),
                                 variants=variants, arch=arch, progress=progress)
@@ -87,7 +87,7 @@ def rows(summary: dict) -> list[dict]:
     elif scenario == "decode":
         for r in summary["rows"]:
             add(f"decode {r['size']} b{r['batch']}", r["arch"], "tokens/s", r["tok_s"]["unpatched"],
-                r["tok_s"]["patchkit.generate"], "speed")
+                r["tok_s"]["for_inference model.generate"], "speed")
     elif scenario == "kernels":
         for r in summary["rows"]:
             if r["impl"] != "unfused" and r["impl"] == ("torch" if summary["device"] == "cpu" else r["impl"]):

@@ -1,6 +1,8 @@
 """Parity harness: a tiny random model of an architecture, run unpatched and patched.
 
-Compares logits (eval), loss and every parameter's gradient (train). The error of a tensor is
+Compares logits (eval), loss and every parameter's gradient (train), the loss of a batch whose labels are
+all ignored (NaN, as transformers gives it: NaN in the same places counts as equal), and the logits of
+decode steps after unpadded, left-padded and right-padded prompts against one full forward. The error of a tensor is
 max|patched - reference| / max|reference|. float32 must agree within 1e-5 (logits) and 1e-4
 (loss and gradients, which pass through the fused cross-entropy). In bfloat16 the reference is
 the float32 model, and the patched error may be at most twice the unpatched bf16 model's own
@@ -22,6 +24,7 @@ TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=88, num_hidden_lay
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
 FP32_TOL = {"logits": 1e-5, "decode": 1e-5, "loss": 1e-4, "grad": 1e-4}
 DECODE_STEPS = 6  # the batch's last tokens, fed one at a time to the inference path
+DECODE_LAYOUTS = ("unpadded", "left-padded", "right-padded")
 
 
 @dataclass
@@ -87,19 +90,41 @@ def tiny_batch(vocab_size: int, *, batch: int = 3, seq: int = 19, seed: int = 1)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _reference_decode(model, ids, mask):
-    """The logits the decode steps must give: one forward over the whole sequence."""
-    from .inference import positions
+def decode_masks(batch: int, prompt: int) -> dict[str, torch.Tensor]:
+    """Prompt attention masks of the three padding layouts a decode step must serve: none; left padding of two
+    lengths; right padding of two lengths (the `tril` masks of transformers' generation tests, or a tokenizer
+    padding on the right), one row keeping only its first 3 tokens."""
+    masks = {layout: torch.ones(batch, prompt, dtype=torch.long) for layout in DECODE_LAYOUTS}
+    masks["left-padded"][1, :3] = 0
+    masks["left-padded"][-1, :6] = 0
+    masks["right-padded"][1, -2:] = 0
+    masks["right-padded"][-1, 3:] = 0
+    return masks
 
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -DECODE_STEPS - 1:-1]
+
+def _reference_decode(model, ids, prompt_mask):
+    """The logits the decode steps must give: one forward over the prompt and the teacher-forced tokens, at the
+    positions `generate` gives them (the prompt's from its mask, then the last column's plus one per token). The
+    first row is the prompt's own forward, as `generate`'s prefill runs it: a pad whose every key is masked (a
+    right-padded row whose window holds only pads) attends evenly to all columns in eager attention, later ones
+    included, so its logits depend on what follows it."""
+    from .inference import generation_positions
+
+    prompt, new = prompt_mask.shape[1], ids.shape[1] - prompt_mask.shape[1]
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(ids.shape[0], new)], 1)
+    prompt_positions = generation_positions(model, prompt_mask)
+    positions = torch.cat([prompt_positions, prompt_positions[:, -1:] + torch.arange(1, new + 1)], 1)
+    first = model(input_ids=ids[:, :prompt], attention_mask=prompt_mask, position_ids=prompt_positions).logits
+    steps = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, prompt:-1]
+    return torch.cat([first[:, -1:], steps], 1)
 
 
-def _inference_decode(model, ids, mask):
-    """The inference path's logits: prefill, then the last tokens one decode step each (teacher-forced)."""
+def _inference_decode(model, ids, prompt_mask):
+    """The inference path's logits: `generate`'s prefill, then the last tokens one decode step each."""
     from .inference import Decoding
 
-    prompt = ids.shape[1] - DECODE_STEPS
-    decoding = Decoding(model, ids[:, :prompt], mask[:, :prompt], DECODE_STEPS)
+    prompt = prompt_mask.shape[1]
+    decoding = Decoding.prefill(model, ids[:, :prompt], prompt_mask, ids.shape[1] - prompt)
     return torch.stack([decoding.logits, *(decoding.step(ids[:, t]) for t in range(prompt, ids.shape[1] - 1))], 1)
 
 
@@ -109,15 +134,26 @@ def _run(model, batch, decode=_reference_decode) -> dict[str, torch.Tensor]:
     loss = model(**batch).loss
     loss.backward()
     out = {"loss": loss.detach().float()}
+    with torch.no_grad():  # a batch with nothing to learn: transformers' loss is NaN, and so must patchkit's be
+        out["loss all-ignored"] = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}).loss.float()
     model.eval()
+    ids = batch["input_ids"]
     with torch.no_grad():
         out["logits"] = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        out["decode"] = decode(model, batch["input_ids"], batch["attention_mask"]).float()
+        for layout, mask in decode_masks(ids.shape[0], ids.shape[1] - DECODE_STEPS).items():
+            out[f"decode {layout}"] = decode(model, ids, mask).float()
     out.update({f"grad {n}": p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     return out
 
 
 def _err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Max abs and relative difference; NaN where the two are not NaN in the same places."""
+    nan = ref.isnan()
+    if not torch.equal(a.isnan(), nan):
+        return float("nan"), float("nan")
+    a, ref = a[~nan], ref[~nan]
+    if ref.numel() == 0:
+        return 0.0, 0.0
     diff = (a - ref).abs().max().item()
     return diff, diff / max(ref.abs().max().item(), 1e-30)
 

@@ -86,6 +86,7 @@ class Applied:
 
 _applied: dict[str, Applied] = {}
 _pending: dict[str, dict[str, Applied]] = {}  # module name -> arch name -> patch waiting for the import
+_held: dict[str, list[tuple[object, Architecture]]] = {}  # arch name -> (handle, patch) of live handles, oldest first
 
 
 def _options(arch: Architecture) -> tuple:
@@ -130,11 +131,15 @@ def _install(record: Applied, module) -> None:
             "should win.")
     for other in others:
         log.warning("patchkit: %s overrides the patch of %s", arch.name, other)
-        restore(other)
+        clear(other)
     plan = []
+    made = vars(arch).setdefault("_made", {})  # a patch applied again (a stacked one live again) installs the same
     for op, path, factory, owner, attr in targets:
         original = getattr(owner, attr)
-        replacement = factory(original)
+        earlier, replacement = made.get(path, (None, None))
+        if earlier is not original:
+            replacement = factory(original)
+            made[path] = (original, replacement)
         # with Hugging Face `kernels` installed, a function like apply_rotary_pos_emb is an nn.Module
         signature_of = original if inspect.isroutine(original) else getattr(original, "forward", original)
         missing = _unaccepted(signature_of, replacement)
@@ -213,6 +218,39 @@ def restore(name: str) -> bool:
             return False
         _restore(record)
         return True
+
+
+def hold(arch: Architecture, handle: object) -> None:
+    """Apply `arch` for `handle`, on top of the family's earlier patches: the latest patch's options are live."""
+    with lock:
+        apply(arch)
+        _held.setdefault(arch.name, []).append((handle, arch))
+
+
+def release(name: str, handle: object) -> None:
+    """Take `handle`'s patch of `name` out of the stack. Where it was live, the one below it becomes live again,
+    or, where none is left, every original comes back; a patch lower down goes without changing anything."""
+    with lock:
+        stack = _held.get(name, [])
+        mine = [i for i, (holder, _) in enumerate(stack) if holder is handle]
+        if not mine:
+            return
+        live = mine[-1] == len(stack) - 1
+        del stack[mine[-1]]
+        if not live:
+            return
+        if stack:
+            apply(stack[-1][1])
+        else:
+            del _held[name]
+            restore(name)
+
+
+def clear(name: str) -> bool:
+    """Undo every patch of `name`, whichever handles hold them. Returns False if it was not patched."""
+    with lock:
+        _held.pop(name, None)
+        return restore(name)
 
 
 def records() -> list[Applied]:

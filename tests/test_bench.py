@@ -25,7 +25,7 @@ def test_bench_all_quick_writes_json_markdown_and_a_plot(tmp_path, capsys):
     assert "| scenario | arch | metric | unpatched | patched | patched / unpatched |" in markdown
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
-    assert "| train | llama | tokens/s |" in out and "patchkit.generate" in out
+    assert "| train | llama | tokens/s |" in out and "for_inference model.generate" in out
 
 
 def test_context_bisection_finds_the_boundary(monkeypatch):

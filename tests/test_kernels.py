@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import patchkit
 from patchkit import kernels
 from patchkit.kernels import reference
 
@@ -184,14 +185,40 @@ def test_cross_entropy_shift_labels_and_frozen_weight(K):
     torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy_all_ignored(K, reduction):
+@pytest.mark.parametrize("reduction,divisor", [("mean", None), ("mean", 0), ("mean", torch.tensor(0)), ("mean", 7),
+                                               ("sum", None), ("none", None)])
+def test_cross_entropy_all_ignored_gives_transformers_number(K, reduction, divisor):
+    """Nothing to learn: what transformers' `ForCausalLMLoss` gives (NaN for a mean or a zero divisor: 0 / 0), with
+    the zero gradients it gives."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
     hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(13, 8, requires_grad=True)
     labels = torch.full((2, 5), -100)
-    loss = K.fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
-    assert torch.isfinite(loss).all() and (loss == 0).all()
+    loss = K.fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction, num_items_in_batch=divisor)
+    if reduction == "mean":
+        logits = hidden @ weight.t()
+        expected = ForCausalLMLoss(logits, labels, 13, num_items_in_batch=divisor)
+        assert torch.equal(loss.isnan(), expected.isnan()) and (expected.isnan() or expected == loss)
+        grads = torch.autograd.grad(expected, (hidden, weight))
+        assert all((g == 0).all() for g in grads)
+    else:
+        assert (loss == 0).all()
     loss.sum().backward()
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_a_model_batch_with_every_label_ignored_has_transformers_nan_loss():
+    from patchkit.parity import tiny_model
+
+    model = tiny_model(patchkit.architectures.Llama).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    labels = torch.full_like(ids, -100)
+    reference = model(input_ids=ids, labels=labels).loss
+    with patchkit.patched("llama"):
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is None and out.loss.isnan() and reference.isnan()
+        out.loss.backward()
+    assert all((p.grad == 0).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_cross_entropy_never_builds_full_logits(K, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 import transformers.models.llama.modeling_llama as M
 
 import patchkit
+from patchkit import patcher
 from patchkit.architectures import Llama
 from patchkit.parity import tiny_model
 
@@ -37,22 +38,57 @@ def test_patch_twice_is_a_noop_and_options_repatch():
     patchkit.patch("llama")
     first = _originals()
     second = patchkit.patch("llama")
-    assert all(a is b for a, b in zip(_originals(), first))
-    assert second._applied == []  # exiting the second handle must not undo the first
+    assert all(a is b for a, b in zip(_originals(), first))  # the same options: nothing replaced again
     second.unpatch()
-    assert patchkit.is_patched("llama")
+    assert patchkit.is_patched("llama") and all(a is b for a, b in zip(_originals(), first))
     patchkit.patch("llama", rms_norm=False)
     assert getattr(M.LlamaRMSNorm.forward, "__patchkit__", None) is None
     assert getattr(M.LlamaMLP.forward, "__patchkit__", None) is not None
+
+
+def _live_ops():
+    record = patcher.state("llama")
+    return None if record is None else {op for op, on in record.arch.enabled.items() if on}
+
+
+ALL_OPS = {"attention", "cross_entropy", "lora", "mlp", "rms_norm", "rope"}
+
+
+def test_patches_stack_and_each_handle_undoes_exactly_its_own():
+    before = _originals()
+    first = patchkit.patch("llama")
+    second = patchkit.patch("llama", rms_norm=False)  # the latest options are live
+    assert _live_ops() == ALL_OPS - {"rms_norm"} and not hasattr(M.LlamaRMSNorm.forward, "__patchkit__")
+    second.unpatch()  # the first handle's patch is live again, exactly as it was
+    assert _live_ops() == ALL_OPS and getattr(M.LlamaRMSNorm.forward, "__patchkit__", None)
+    second.unpatch()  # twice: nothing more
+    assert _live_ops() == ALL_OPS
+    third = patchkit.patch("llama", mlp=False)
+    first.unpatch()  # a patch lower in the stack goes; the live one stays
+    assert _live_ops() == ALL_OPS - {"mlp"}
+    third.unpatch()
+    assert _live_ops() is None and all(a is b for a, b in zip(_originals(), before))
+    patchkit.patch("llama")
+    patchkit.patch("llama", rope=False)
+    patchkit.unpatch("llama")  # the module-level unpatch takes out every handle's patch
+    assert not patchkit.is_patched("llama") and all(a is b for a, b in zip(_originals(), before))
 
 
 def test_context_manager_and_nesting():
     before = _originals()
     with patchkit.patched("llama") as handle:
         assert patchkit.is_patched("llama") and handle.architectures == ["llama"]
+        outer = _originals()
         with patchkit.patched("llama"):
             pass
-        assert patchkit.is_patched("llama")
+        assert all(a is b for a, b in zip(_originals(), outer))
+        with patchkit.patched("llama", rms_norm=False, backend="torch"):
+            assert _live_ops() == ALL_OPS - {"rms_norm"} and patcher.state("llama").arch.backend == "torch"
+            with patchkit.patched("llama", cross_entropy=False):
+                assert _live_ops() == ALL_OPS - {"cross_entropy"}
+            assert _live_ops() == ALL_OPS - {"rms_norm"}
+        assert _live_ops() == ALL_OPS and patcher.state("llama").arch.backend == "auto"
+        assert all(a is b for a, b in zip(_originals(), outer))  # the outer patch as it was, object for object
     assert all(a is b for a, b in zip(_originals(), before))
 
 
@@ -87,11 +123,22 @@ def test_failing_second_architecture_rolls_back_the_first(register_plugin):
         patchkit.patch(["llama", "broken"])
     assert all(a is b for a, b in zip(_originals(), before))
     assert not patchkit.is_patched("llama")
+    patchkit.patch("llama", rms_norm=False)  # under a live patch, the failed one leaves the stack as it was
+    with pytest.raises(patchkit.PatchError, match="MissingRMSNorm"):
+        patchkit.patch(["llama", "broken"])
+    assert _live_ops() == ALL_OPS - {"rms_norm"}
 
 
 def test_unknown_target_lists_known_ones():
     with pytest.raises(patchkit.UnknownArchitectureError, match="known architectures and model types: .*llama"):
         patchkit.patch("no-such-model")
+    with pytest.raises(patchkit.UnknownArchitectureError, match=r"'lama' \(did you mean 'llama'\?\)"):
+        patchkit.patch("lama")
+    with pytest.raises(patchkit.UnknownArchitectureError, match=r"did you mean 'qwen3'"):
+        patchkit.patch("Qwen-3")
+    for bad in (42, 3.5, object()):
+        with pytest.raises(TypeError, match="takes an architecture name, a model type, a config, a model"):
+            patchkit.patch(bad)
     with pytest.raises(TypeError, match="unknown op.*the ops are attention, cross_entropy, lora, mlp, rms_norm, rope"):
         patchkit.patch("llama", flash=True)
     with pytest.raises(patchkit.BackendError, match="unknown backend 'gpu'; known backends: auto, torch"):
