@@ -15,7 +15,6 @@ Ops and what they replace in `transformers.models.llama.modeling_llama`:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from typing import ClassVar
@@ -31,11 +30,16 @@ from patchkit.products import project
 from patchkit.integrations import lora_projection
 
 
-@functools.cache
-def _activation_kernels() -> dict[type, str]:
-    from transformers import activations
+_ACTIVATION_KERNELS: dict[type, str] = {}  # a plain dict, filled when the MLP is patched: dynamo reads it
 
-    return {activations.SiLUActivation: "swiglu", nn.SiLU: "swiglu", activations.GELUTanh: "geglu"}
+
+def _activation_kernels() -> dict[type, str]:
+    if not _ACTIVATION_KERNELS:
+        from transformers import activations
+
+        _ACTIVATION_KERNELS.update({activations.SiLUActivation: "swiglu", nn.SiLU: "swiglu",
+                                    activations.GELUTanh: "geglu"})
+    return _ACTIVATION_KERNELS
 
 
 class Llama(Architecture):
@@ -75,6 +79,8 @@ class Llama(Architecture):
 
     @replaces("mlp", "{prefix}MLP.forward")
     def mlp(self, original):
+        _activation_kernels()
+
         def forward(module, x):
             return self.feed_forward(module, x, original)
 
@@ -83,7 +89,7 @@ class Llama(Architecture):
     def feed_forward(self, module, x, original=None):
         """The gated MLP with the activation kernel its `act_fn` calls for (LoRA on its projections: one node)."""
         modules = module._modules  # no nn.Module attribute lookups: this runs per layer and token
-        kernel = _activation_kernels().get(type(modules.get("act_fn")))
+        kernel = (_ACTIVATION_KERNELS or _activation_kernels()).get(type(modules.get("act_fn")))
         if kernel is None:
             return original(module, x) if original else module(x)
         layers = (modules["gate_proj"], modules["up_proj"], modules["down_proj"])

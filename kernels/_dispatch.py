@@ -83,5 +83,26 @@ def clear_cache() -> None:
     _resolved.clear()
 
 
+def device_types() -> list[str]:
+    """The device types a model can be on here: cpu, and the accelerator torch sees (cuda, xpu, mps...)."""
+    types = ["cpu"]
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is not None and accelerator.type not in types:
+        types.append(accelerator.type)
+    return types
+
+
+def prepare(backend: str) -> None:
+    """Resolve every op of `backend` for every device type here, when a patch is applied: a forward (eager or
+    compiled) then only reads a dict. A backend that cannot run on a device type raises when a tensor there
+    reaches the op, with its reason."""
+    for device_type in device_types():
+        for op in OPS:
+            try:
+                resolve(op, backend, device_type)
+            except BackendError:
+                pass
+
+
 def dispatch(op: str, backend: str, device: torch.device) -> Callable:
     return resolve(op, backend, device.type)

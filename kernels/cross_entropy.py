@@ -95,10 +95,10 @@ def _accumulate(g, hc, weight, grad_h, grad_w, rows, alpha):
         grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype), alpha=alpha)
 
 
-def _grad_buffers(ctx, h, weight):
-    grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+def _grad_buffers(h, weight, need_h, need_w):
+    grad_h = torch.empty_like(h) if need_h else None
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     return grad_h, grad_w
 
 
@@ -107,59 +107,144 @@ def _chunks(h, weight):
     return [slice(start, start + step) for start in range(0, h.shape[0], step)], _buffer(h, weight)
 
 
-class _SummedCE(torch.autograd.Function):
-    """`scale * sum(per-token loss)` over tokens that all count; grads computed in forward."""
+def _none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t  # an op's "no gradient asked for"
+
+
+# The op is two `torch.library` custom ops per form, opaque to torch.compile: which tokens count is data (ignored
+# tokens are dropped before the matmul, the chunk loop writes into one buffer), so inside the op the graph keeps one
+# shape whatever the batch ignores. `rows` names the backend's per-chunk softmax step (ROWS, below).
+
+def _summed_impl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float,
+            divisor: torch.Tensor, rows: str, need_h: bool,
+            need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale * sum of the counted tokens' losses, d/dh, d/dweight): the gradients are computed here, in forward,
+    while each chunk's logits are at hand. scale = 1 / divisor, a scalar: -1 stands for the counted tokens."""
+    keep = targets != ignore_index
+    index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+    hk, tk = (h, targets) if index is None else (h.index_select(0, index), targets.index_select(0, index))
+    count = float(divisor)
+    if count == -1:
+        count = tk.numel()
+    scale = 1.0 / count if count else float("nan")  # nothing to learn: 0 / 0, as `ForCausalLMLoss` gives
+    grad_h, grad_w = _grad_buffers(hk, weight, need_h, need_w)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    chunks, buffer = _chunks(hk, weight)
+    for rows_ in chunks:
+        hc, tc = hk[rows_], tk[rows_]
+        loss, _, g = ROWS[rows](_logits(hc, weight, buffer), tc, softcap, need_h or need_w)
+        total += loss.sum()
+        if g is not None:
+            _accumulate(g, hc, weight, grad_h, grad_w, rows_, scale)
+    if grad_h is not None and index is not None:
+        grad_h = h.new_zeros(h.shape).index_copy_(0, index, grad_h)
+    return total * scale, _none(grad_h, h), _none(None if grad_w is None else grad_w.to(weight.dtype), weight)
+
+
+_summed = torch.library.custom_op("patchkit::linear_cross_entropy", _summed_impl, mutates_args=())
+
+
+@_summed.register_fake
+def _(h, weight, targets, ignore_index, softcap, divisor, rows, need_h, need_w):
+    return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape if need_h else (0,)),
+            weight.new_empty(weight.shape if need_w else (0,)))
+
+
+def _summed_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _summed_backward(ctx, grad, _grad_h=None, _grad_w=None):
+    grad_h, grad_w = ctx.saved_tensors
+    one = not torch.compiler.is_compiling() and bool(grad == 1)  # eager: the usual `loss.backward()` copies nothing
+    scaled = [None if g.numel() == 0 else g if one else g * grad.to(g.dtype) for g in (grad_h, grad_w)]
+    return scaled[0], scaled[1], *([None] * 7)
+
+
+_summed.register_autograd(_summed_backward, setup_context=_summed_context)
+
+
+class _Summed(torch.autograd.Function):
+    """The op in eager: the same implementation and backward, without the custom op's dispatch."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap, scale, rows_fn):
-        grad_h, grad_w = _grad_buffers(ctx, h, weight)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        chunks, buffer = _chunks(h, weight)
-        for rows in chunks:
-            hc, tc = h[rows], targets[rows]
-            loss, _, g = rows_fn(_logits(hc, weight, buffer), tc, softcap, grad_h is not None or grad_w is not None)
-            total += loss.sum()
-            if g is not None:
-                _accumulate(g, hc, weight, grad_h, grad_w, rows, scale)
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
-        return total * scale
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        if not torch.equal(grad_out, torch.ones_like(grad_out)):
-            grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
-
-
-class _PerTokenCE(torch.autograd.Function):
-    """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, softcap, rows_fn):
-        keep = targets != ignore_index
-        safe = targets.masked_fill(~keep, 0)
-        loss = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        chunks, buffer = _chunks(h, weight)
-        with torch.no_grad():
-            for rows in chunks:
-                loss[rows] = rows_fn(_logits(h[rows], weight, buffer), safe[rows], softcap, False)[0]
-        loss.masked_fill_(~keep, 0)
-        ctx.save_for_backward(h, weight, safe, keep)
-        ctx.softcap, ctx.rows_fn = softcap, rows_fn
+    def forward(ctx, h, weight, targets, ignore_index, softcap, divisor, rows, need_h, need_w):
+        loss, grad_h, grad_w = _summed_impl(h, weight, targets, ignore_index, softcap, divisor, rows, need_h, need_w)
+        ctx.save_for_backward(grad_h, grad_w)
         return loss
 
+    backward = staticmethod(_summed_backward)
+
+
+def _per_token_impl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float,
+               rows: str) -> torch.Tensor:
+    """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
+    keep = targets != ignore_index
+    safe = targets.masked_fill(~keep, 0)
+    loss = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    chunks, buffer = _chunks(h, weight)
+    for rows_ in chunks:
+        loss[rows_] = ROWS[rows](_logits(h[rows_], weight, buffer), safe[rows_], softcap, False)[0]
+    return loss.masked_fill_(~keep, 0)
+
+
+_per_token = torch.library.custom_op("patchkit::linear_cross_entropy_per_token", _per_token_impl, mutates_args=())
+
+
+@_per_token.register_fake
+def _(h, weight, targets, ignore_index, softcap, rows):
+    return h.new_empty(h.shape[0], dtype=torch.float32)
+
+
+def _per_token_backward_impl(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        ignore_index: int, softcap: float, rows: str, need_h: bool,
+                        need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = targets != ignore_index
+    safe = targets.masked_fill(~keep, 0)
+    grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w)
+    row_grad = grad_loss.float() * keep
+    chunks, buffer = _chunks(h, weight)
+    for rows_ in chunks:
+        _, _, g = ROWS[rows](_logits(h[rows_], weight, buffer), safe[rows_], softcap, True, row_grad[rows_])
+        _accumulate(g, h[rows_], weight, grad_h, grad_w, rows_, 1.0)
+    return _none(grad_h, h), _none(None if grad_w is None else grad_w.to(weight.dtype), weight)
+
+
+_per_token_backward = torch.library.custom_op("patchkit::linear_cross_entropy_per_token_backward",
+                                              _per_token_backward_impl, mutates_args=())
+
+
+@_per_token_backward.register_fake
+def _(grad_loss, h, weight, targets, ignore_index, softcap, rows, need_h, need_w):
+    return h.new_empty(h.shape if need_h else (0,)), weight.new_empty(weight.shape if need_w else (0,))
+
+
+def _per_token_context(ctx, inputs, output):
+    h, weight, targets, ctx.ignore_index, ctx.softcap, ctx.rows = inputs
+    ctx.save_for_backward(h, weight, targets)
+    ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+
+
+def _per_token_grad(ctx, grad_loss):
+    h, weight, targets = ctx.saved_tensors
+    backward = _per_token_backward if torch.compiler.is_compiling() else _per_token_backward_impl
+    grad_h, grad_w = backward(grad_loss, h, weight, targets, ctx.ignore_index, ctx.softcap, ctx.rows, *ctx.need)
+    return (grad_h if ctx.need[0] else None), (grad_w if ctx.need[1] else None), None, None, None, None
+
+
+_per_token.register_autograd(_per_token_grad, setup_context=_per_token_context)
+
+
+class _PerToken(torch.autograd.Function):
+    """The op in eager: the same implementation and backward, without the custom op's dispatch."""
+
     @staticmethod
-    def backward(ctx, grad_loss):
-        h, weight, safe, keep = ctx.saved_tensors
-        grad_h, grad_w = _grad_buffers(ctx, h, weight)
-        row_grad = grad_loss.float() * keep
-        chunks, buffer = _chunks(h, weight)
-        for rows in chunks:
-            _, _, g = ctx.rows_fn(_logits(h[rows], weight, buffer), safe[rows], ctx.softcap, True, row_grad[rows])
-            _accumulate(g, h[rows], weight, grad_h, grad_w, rows, 1.0)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+    def forward(ctx, h, weight, targets, ignore_index, softcap, rows):
+        loss = _per_token_impl(h, weight, targets, ignore_index, softcap, rows)
+        _per_token_context(ctx, (h, weight, targets, ignore_index, softcap, rows), loss)
+        return loss
+
+    backward = staticmethod(_per_token_grad)
 
 
 def _flatten(hidden, labels, shift_labels, ignore_index):
@@ -170,29 +255,33 @@ def _flatten(hidden, labels, shift_labels, ignore_index):
     return h, targets.reshape(-1).to(h.device), targets.shape
 
 
-def _fused(rows_fn, hidden, weight, labels, *, ignore_index=-100, softcap=None, num_items_in_batch=None,
+def _fused(rows, hidden, weight, labels, *, ignore_index=-100, softcap=None, num_items_in_batch=None,
            reduction="mean", shift_labels=None):
-    """The op, with the per-chunk softmax/gradient step `rows_fn` of one backend."""
+    """The op, with `rows` naming one backend's per-chunk softmax/gradient step."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     h, targets, shape = _flatten(hidden, labels, shift_labels, ignore_index)
+    softcap = float(softcap or 0.0)
+    compiling = torch.compiler.is_compiling()  # a custom op, opaque to the compiler; in eager, the same code
     if reduction == "none" and num_items_in_batch is None:
-        return _PerTokenCE.apply(h, weight, targets, ignore_index, softcap, rows_fn).view(shape)
-    keep = targets != ignore_index
-    if not bool(keep.all()):
-        index = keep.nonzero().squeeze(1)
-        h, targets = h.index_select(0, index), targets.index_select(0, index)
-    if num_items_in_batch is not None:
-        count = float(num_items_in_batch)
-    else:
-        count = targets.numel() if reduction == "mean" else 1
-    scale = 1.0 / count if count else float("nan")  # nothing to learn: 0 / 0, as `ForCausalLMLoss` gives
-    return _SummedCE.apply(h, weight, targets, softcap, scale, rows_fn)
+        per_token = _per_token(h, weight, targets, ignore_index, softcap, rows) if compiling else \
+            _PerToken.apply(h, weight, targets, ignore_index, softcap, rows)
+        return per_token.view(shape)
+    grad = torch.is_grad_enabled()
+    items = num_items_in_batch
+    if isinstance(items, torch.Tensor):
+        divisor = items.detach().to(torch.float32).reshape(())
+    else:  # a count given as a number; -1: the counted tokens (a mean); 1: a sum
+        divisor = torch.tensor(float(items) if items is not None else -1.0 if reduction == "mean" else 1.0)
+    need = (grad and h.requires_grad, grad and weight.requires_grad)
+    if compiling:
+        return _summed(h, weight, targets, ignore_index, softcap, divisor, rows, *need)[0]
+    return _Summed.apply(h, weight, targets, ignore_index, softcap, divisor, rows, *need)
 
 
 def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-100, softcap=None,
                                      num_items_in_batch=None, reduction="mean", shift_labels=None):
-    return _fused(_rows_torch, hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+    return _fused("torch", hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
                   num_items_in_batch=num_items_in_batch, reduction=reduction, shift_labels=shift_labels)
 
 
@@ -250,5 +339,8 @@ def _rows_triton(logits, targets, softcap, grad, row_scale=None):
 
 def fused_linear_cross_entropy_triton(hidden, weight, labels, *, ignore_index=-100, softcap=None,
                                       num_items_in_batch=None, reduction="mean", shift_labels=None):
-    return _fused(_rows_triton, hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+    return _fused("triton", hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
                   num_items_in_batch=num_items_in_batch, reduction=reduction, shift_labels=shift_labels)
+
+
+ROWS = {"torch": _rows_torch, "triton": _rows_triton}

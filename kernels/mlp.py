@@ -50,6 +50,8 @@ class _Gated(torch.autograd.Function):
 
 
 def _gated(gate, up, act, act_backward_):
+    if torch.compiler.is_compiling():  # the compiler fuses the composition and recomputes it in backward itself
+        return act(gate) * up
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _Gated.apply(gate, up, act, act_backward_)
     return act(gate).mul_(up)  # inference: no autograd node to build
@@ -105,28 +107,53 @@ def _gated_bwd(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(DU + i, cast(dy * rounded(a, DU.dtype.element_ty), DU.dtype.element_ty), mask=mask)
 
 
-class _GatedTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up, act):
-        gate, up = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(gate)
-        _gated_fwd[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, y, gate.numel(), ACT=act, BLOCK=_BLOCK)
-        ctx.save_for_backward(gate, up)
-        ctx.act = act
-        return y
+# Triton launches are custom ops, opaque to torch.compile: dynamo cannot trace a launch, least of all an interpreted one
 
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
-        _gated_bwd[(triton.cdiv(gate.numel(), _BLOCK),)](dy.contiguous(), gate, up, dg, du, gate.numel(),
-                                                          ACT=ctx.act, BLOCK=_BLOCK)
-        return dg, du, None
+@torch.library.custom_op("patchkit::gated_triton", mutates_args=())
+def _gated_op(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    _gated_fwd[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, y, gate.numel(), ACT=act, BLOCK=_BLOCK)
+    return y
+
+
+@_gated_op.register_fake
+def _(gate, up, act):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("patchkit::gated_triton_backward", mutates_args=())
+def _gated_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                  act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = gate.contiguous(), up.contiguous()
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    _gated_bwd[(triton.cdiv(gate.numel(), _BLOCK),)](dy.contiguous(), gate, up, dg, du, gate.numel(), ACT=act,
+                                                      BLOCK=_BLOCK)
+    return dg, du
+
+
+@_gated_bwd_op.register_fake
+def _(dy, gate, up, act):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _gated_context(ctx, inputs, output):
+    gate, up, ctx.act = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _gated_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return *_gated_bwd_op(dy, gate, up, ctx.act), None
+
+
+_gated_op.register_autograd(_gated_grad, setup_context=_gated_context)
 
 
 def swiglu_triton(gate, up):
-    return _GatedTriton.apply(gate, up, SILU)
+    return _gated_op(gate, up, SILU)
 
 
 def geglu_triton(gate, up):
-    return _GatedTriton.apply(gate, up, GELU_TANH)
+    return _gated_op(gate, up, GELU_TANH)

@@ -66,6 +66,8 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm_torch(x, weight, eps, *, offset=0.0, cast="llama"):
     if cast not in CASTS:
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
+    if torch.compiler.is_compiling():  # the compiler fuses the composition and recomputes it in backward itself
+        return _forward(x, weight, eps, offset, cast)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps, offset, cast)
     if cast == "llama" and not offset and x.dtype == weight.dtype == torch.float32:
@@ -125,34 +127,61 @@ def _out_dtype(x, weight, cast):
     return x.dtype if cast == "gemma" else torch.promote_types(x.dtype, weight.dtype)
 
 
-class _RMSNormTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, offset, cast):
-        x2 = rows2d(x)
-        n_rows, n_cols = x2.shape
-        y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, cast), device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
-                               GEMMA=cast == "gemma", BLOCK=block(n_cols))
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.offset, ctx.cast, ctx.shape = offset, cast, x.shape
-        return y.view(x.shape)
+# Triton launches are custom ops, opaque to torch.compile: dynamo cannot trace a launch, least of all an interpreted one
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dy2 = rows2d(dy)
-        n_rows, n_cols = x2.shape
-        programs = min(n_rows, 128)
-        per_program = -(-n_rows // programs)
-        dx = torch.empty_like(x2)
-        dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
-        _bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows,
-                                 n_cols, ctx.offset, per_program, GEMMA=ctx.cast == "gemma", BLOCK=block(n_cols))
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None, None, None
+@torch.library.custom_op("patchkit::rms_norm_triton", mutates_args=())
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                  cast: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, reciprocal RMS per row)."""
+    x2 = rows2d(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, cast), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    _fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
+                           GEMMA=cast == "gemma", BLOCK=block(n_cols))
+    return y.view(x.shape), rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps, offset, cast):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast)), x.new_empty(x.shape[:-1].numel(),
+                                                                               dtype=torch.float32)
+
+
+@torch.library.custom_op("patchkit::rms_norm_triton_backward", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+                  cast: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x2, dy2 = rows2d(x), rows2d(dy)
+    n_rows, n_cols = x2.shape
+    programs = max(min(n_rows, 128), 1)
+    per_program = -(-n_rows // programs)
+    dx = torch.empty_like(x2)
+    dw = torch.zeros((programs, n_cols), dtype=torch.float32, device=x2.device)
+    _bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows,
+                             n_cols, offset, per_program, GEMMA=cast == "gemma", BLOCK=block(n_cols))
+    return dx.view(x.shape), dw.sum(0).to(weight.dtype)
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, offset, cast):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _rms_norm_context(ctx, inputs, output):
+    x, weight, _, ctx.offset, ctx.cast = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd(dy, x, weight, rstd, ctx.offset, ctx.cast)
+    return dx, dw, None, None, None
+
+
+_rms_norm_fwd.register_autograd(_rms_norm_grad, setup_context=_rms_norm_context)
 
 
 def rms_norm_triton(x, weight, eps, *, offset=0.0, cast="llama"):
     if cast not in CASTS:
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
-    return _RMSNormTriton.apply(x, weight, eps, offset, cast)
+    return _rms_norm_fwd(x, weight, float(eps), float(offset), cast)[0]

@@ -64,6 +64,10 @@ def apply_rope_torch(q, k, cos, sin):
     if q.shape[-1] % 2:
         raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if torch.compiler.is_compiling():  # the compiler fuses the composition and recomputes it in backward itself
+        half = sin.shape[-1] // 2
+        signed = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        return q * cos + q.roll(half, -1) * signed, k * cos + k.roll(half, -1) * signed
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _Rope.apply(q, k, cos, sin)
     signed = signed_sin(sin)  # inference: no autograd node to build, three ops per tensor
@@ -115,21 +119,32 @@ def _rope_triton_one(x, cos, sin, backward):
     return y.view(x.shape)
 
 
-class _RopeTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rope_triton_one(q, cos, sin, False), _rope_triton_one(k, cos, sin, False)
+# Triton launches are custom ops, opaque to torch.compile. One op per tensor: its backward is the transposed rotation.
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq = _rope_triton_one(dq, cos, sin, True) if ctx.needs_input_grad[0] and dq is not None else None
-        dk = _rope_triton_one(dk, cos, sin, True) if ctx.needs_input_grad[1] and dk is not None else None
-        return dq, dk, None, None
+@torch.library.custom_op("patchkit::rope_triton", mutates_args=())
+def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    return _rope_triton_one(x, cos, sin, backward)
+
+
+@_rope_op.register_fake
+def _(x, cos, sin, backward):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_context(ctx, inputs, output):
+    _, cos, sin, ctx.backward = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_grad(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _rope_op(dy, cos, sin, not ctx.backward), None, None, None
+
+
+_rope_op.register_autograd(_rope_grad, setup_context=_rope_context)
 
 
 def apply_rope_triton(q, k, cos, sin):
     if q.shape[-1] % 2:
         raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
-    return _RopeTriton.apply(q, k, cos, sin)
+    return _rope_op(q, cos, sin, False), _rope_op(k, cos, sin, False)

@@ -13,6 +13,7 @@ original function unchanged.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,9 +35,11 @@ def interface(original, module):
 def per_document(resolve: Callable[[], Callable], causal_without_mask: bool = False) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         fn = resolve()
-        if query.shape[2] < 2:  # one query a row (decoding): nothing to split
+        # one query a row (decoding): nothing to split; compiled: transformers' packed mask keeps documents apart,
+        # and finding them would sync with the host
+        if query.shape[2] < 2 or torch.compiler.is_compiling():
             return fn(module, query, key, value, attention_mask, **kwargs)
-        docs = documents(query, key, attention_mask, kwargs.get("position_ids"))
+        docs = _documents_once(query, key, attention_mask, kwargs.get("position_ids"))
         if docs is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
@@ -54,6 +57,22 @@ def per_document(resolve: Callable[[], Callable], causal_without_mask: bool = Fa
         return torch.cat(rows, 0), None
 
     return attention
+
+
+_last: list = [None, None, None]  # (weak refs to the position ids and mask, versions, documents) of the last call
+
+
+def _documents_once(query, key, mask, position_ids):
+    """`documents`, found once per forward: every layer passes the same position ids and mask."""
+    if not isinstance(mask, torch.Tensor) or position_ids is None or _recording_attentions():
+        return None
+    refs, versions, docs = _last
+    now = (position_ids._version, mask._version, query.shape[0], query.shape[2], key.shape[2])
+    if refs is not None and refs[0]() is position_ids and refs[1]() is mask and versions == now:
+        return docs
+    docs = documents(query, key, mask, position_ids)
+    _last[:] = [(weakref.ref(position_ids), weakref.ref(mask)), now, docs]
+    return docs
 
 
 def documents(query, key, mask, position_ids) -> list[list[int]] | None:

@@ -5,7 +5,9 @@
 `patchkit bench train`: one full fine-tuning step (forward, backward, AdamW) of a Llama-shaped
 model. Reports tokens/s and peak resident memory of the process: over the whole step, over
 forward+backward (what patchkit changes; AdamW's own temporaries come after), and how much
-forward+backward adds on top of what was resident before (weights, optimizer state).
+forward+backward adds on top of what was resident before (weights, optimizer state). With
+`compile=True` (`--compile`), the model compiled with `torch.compile` (inductor) too, patched and
+unpatched, in the same alternation; the first step of each compiled variant is its compile time.
 """
 
 from __future__ import annotations
@@ -67,9 +69,18 @@ def model_for(arch: str, dims: dict):
     return family.name, model_class(config)
 
 
+VARIANTS = ("unpatched", "patched")
+COMPILED = ("compiled unpatched", "compiled patched")
+
+
+def _patch_state(name: str, variant: str):
+    return patchkit.patched(name) if variant.split()[-1] == "patched" else contextlib.nullcontext()
+
+
 def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAIN, rounds: int = 4, steps: int = 2,
-          progress=None) -> dict:
+          progress=None, compile: bool = False) -> dict:
     name, model = model_for(arch, dims)
+    compiled = torch.compile(model) if compile else None  # one module: dynamo keeps a graph per patch state
     config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -79,11 +90,12 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
     causal_attention = 6 * config.num_hidden_layers * seq * tokens * config.hidden_size
     flops_per_step = 6 * matmul_params * tokens + causal_attention
 
-    def step(record=None):
+    def step(variant, record=None):
         """One training step; with `record`, the time and the peak RSS of forward+backward and of the optimizer."""
+        forward = compiled if variant.startswith("compiled") else model
         before = _reset_peak()
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        forward(input_ids=ids, labels=ids).loss.backward()
         seconds = time.perf_counter() - start
         model_peak = _status("VmHWM")
         _reset_peak()
@@ -91,22 +103,25 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - start
+        compile_s[variant] = compile_s.get(variant, seconds)  # the first step: compiling, for a compiled variant
         if record is not None:
             record["s"].append(seconds)
             record["peak"].append(max(model_peak, _status("VmHWM")))
             record["model_peak"].append(model_peak)
             record["model_added"].append(model_peak - before)
 
-    results = {v: {"s": [], "peak": [], "model_peak": [], "model_added": []} for v in ("unpatched", "patched")}
-    order = ["unpatched", "patched"]
-    for variant in order:  # warm-up: allocator, optimizer state, one step each
-        with patchkit.patched(name) if variant == "patched" else contextlib.nullcontext():
-            step()
+    order = [*VARIANTS, *(COMPILED if compile else ())]
+    results = {v: {"s": [], "peak": [], "model_peak": [], "model_added": []} for v in order}
+    compile_s: dict[str, float] = {}
+    for variant in order:  # warm-up: allocator, optimizer state, compiling (caches off: a cold compile), two steps
+        with _patch_state(name, variant), torch.compiler.config.patch(force_disable_caches=True):
+            step(variant)
+            step(variant)
     for round_ in range(rounds):
         for variant in order if round_ % 2 == 0 else order[::-1]:
-            with patchkit.patched(name) if variant == "patched" else contextlib.nullcontext():
+            with _patch_state(name, variant):
                 for _ in range(steps):
-                    step(results[variant])
+                    step(variant, results[variant])
             if progress:
                 progress(f"{name} round {round_ + 1}/{rounds} {variant}: {results[variant]['s'][-1]:.2f} s/step")
     peak_flops = _matmul_flops()
@@ -117,25 +132,34 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
         memory = {f"{k}_gib": statistics.median(r[k]) / 2**30 for k in ("peak", "model_peak", "model_added")}
         summary[variant] = {"s_per_step": s, "tokens_per_s": tokens / s, "mfu": flops_per_step / s / peak_flops,
                             **memory}
-    u, p = summary["unpatched"], summary["patched"]
-    summary["speedup"] = p["tokens_per_s"] / u["tokens_per_s"]
-    for k in ("peak", "model_peak", "model_added"):
-        summary[f"{k}_ratio"] = p[f"{k}_gib"] / u[f"{k}_gib"]
+    if compile:
+        summary["compile_s"] = {v: compile_s[v] for v in COMPILED}
+    for prefix, (unpatched, patched) in (("", VARIANTS), ("compiled_", COMPILED))[:2 if compile else 1]:
+        u, p = summary[unpatched], summary[patched]
+        summary[f"{prefix}speedup"] = p["tokens_per_s"] / u["tokens_per_s"]
+        for k in ("peak", "model_peak", "model_added"):
+            summary[f"{prefix}{k}_ratio"] = p[f"{k}_gib"] / u[f"{k}_gib"]
     return summary
 
 
 def report(summary: dict) -> str:
-    u, p = summary["unpatched"], summary["patched"]
+    variants = [v for v in (*VARIANTS, *COMPILED) if v in summary]
     rows = [("tokens/s", "tokens_per_s", "{:.0f}"), ("s/step", "s_per_step", "{:.2f}"),
             ("MFU vs measured matmul", "mfu", "{:.0%}"),
             ("peak RSS, whole step (GiB)", "peak_gib", "{:.2f}"),
             ("peak RSS, forward+backward (GiB)", "model_peak_gib", "{:.2f}"),
             ("forward+backward memory above weights+optimizer state (GiB)", "model_added_gib", "{:.2f}")]
+    pairs = [(u, p) for u, p in (VARIANTS, COMPILED) if p in summary]
     lines = [f"| {summary['arch']} train step ({summary['tokens_per_step']} tokens, "
-             f"{summary['params'] / 1e6:.0f} M params, {summary['threads']} threads) | unpatched | patched | "
-             "patched / unpatched |", "|---|---|---|---|"]
+             f"{summary['params'] / 1e6:.0f} M params, {summary['threads']} threads) | " + " | ".join(variants)
+             + " | " + " | ".join(f"{p} / {u}" for u, p in pairs) + " |", "|---" * (1 + len(variants) + len(pairs))
+             + "|"]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(u[key])} | {fmt.format(p[key])} | {p[key] / u[key]:.2f}x |")
+        lines.append(f"| {label} | " + " | ".join(fmt.format(summary[v][key]) for v in variants) + " | "
+                     + " | ".join(f"{summary[p][key] / summary[u][key]:.2f}x" for u, p in pairs) + " |")
+    if "compile_s" in summary:
+        times = ", ".join(f"{v} {s:.0f} s" for v, s in summary["compile_s"].items())
+        lines.append(f"\nfirst step (compiling): {times}")
     lines.append(f"\nmatmul measured in the same run: {summary['matmul_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 

@@ -38,7 +38,8 @@ def _run_one(scenario: str, arch: str, args, progress) -> dict:
     if scenario == "train":
         dims = QUICK_TRAIN if quick else {**bench.TRAIN, "vocab_size": args.vocab}
         return bench.train(arch, batch=2 if quick else args.batch, seq=256 if quick else args.seq, dims=dims,
-                           rounds=2 if quick else args.rounds, steps=1 if quick else args.steps, progress=progress)
+                           rounds=2 if quick else args.rounds, steps=1 if quick else args.steps, progress=progress,
+                           compile=args.compile or (args.scenario == "all" and not quick))
     if scenario == "sft":
         scenarios = ("lora",) if quick else (args.only,) if args.only else ("lora", "full")
         return bench_sft.run(steps=1 if quick else args.steps, rounds=2 if quick else args.rounds,
@@ -77,6 +78,12 @@ def rows(summary: dict) -> list[dict]:
         add("train", summary["arch"], "tokens/s", u["tokens_per_s"], p["tokens_per_s"], "speed")
         add("train", summary["arch"], "MFU", u["mfu"], p["mfu"], "info")
         add("train", summary["arch"], "peak RSS (GiB)", u["peak_gib"], p["peak_gib"], "memory")
+        if "compiled patched" in summary:
+            u, p = summary["compiled unpatched"], summary["compiled patched"]
+            add("train compiled", summary["arch"], "tokens/s", u["tokens_per_s"], p["tokens_per_s"], "speed")
+            add("train compiled", summary["arch"], "peak RSS (GiB)", u["peak_gib"], p["peak_gib"], "memory")
+            add("train compiled", summary["arch"], "memory above weights+optimizer (GiB)", u["model_added_gib"],
+                p["model_added_gib"], "memory")
     elif scenario == "sft":
         for name in ("lora", "full"):
             if name in summary:
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternations of unpatched and patched")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--only", choices=["lora", "full"], help="sft: one fine-tuning scenario")
+    parser.add_argument("--compile", action="store_true",
+                        help="train: torch.compile patched and unpatched too (on in `all`, unless --quick)")
     parser.add_argument("--sizes", nargs="+", default=["20M", "125M"], help="decode: model sizes (20M, 125M)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="decode: batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per row")

@@ -121,6 +121,9 @@ def _owner_plugin(name: str) -> str:
 
 def _install(record: Applied, module) -> None:
     arch = record.arch
+    from patchkit import kernels
+
+    kernels.prepare(arch.backend)  # dispatch resolved now, not in a forward: dynamo reads a dict
     targets = [(op, path, factory, *_resolve(module, path, arch, op)) for op, path, factory in arch.targets()]
     others = _conflicts(arch, targets)
     if others and not arch.overrides:

@@ -156,6 +156,8 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(linear) is not nn.Linear:
         return linear(x)
     weight, bias = linear._parameters["weight"], linear._parameters["bias"]  # a plain Linear: no module lookup
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training, or a graph: F.linear is the product
+        return F.linear(x, weight, bias)
     products = _products.get()
     if products is not None:
         if x.dim() == 2 and x.shape[0] == products.rows:  # a decode step's rows

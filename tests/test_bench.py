@@ -51,3 +51,22 @@ def test_context_probe_runs_in_a_child_and_is_stopped_at_the_cap():
     assert ok["fits"] and 0 < ok["peak"] < 8 << 30 and ok["seconds"] > 0
     stopped = bench_context.fits("unpatched", "full", 64, cap=ok["peak"] // 4, dims=dims)
     assert not stopped["fits"] and stopped["seconds"] is None
+
+
+def test_bench_train_compile_reports_four_variants(monkeypatch, capsys):
+    """`--compile` plumbing (aot_eager here: inductor's code generation is the slow part, not what is tested)."""
+    import functools
+
+    import torch
+
+    from patchkit import bench
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(bench, "TRAIN", {**bench.TRAIN, "hidden_size": 64, "intermediate_size": 128,
+                                         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                         "vocab_size": 512})
+    assert main(["bench", "train", "--compile", "--vocab", "512", "--batch", "1", "--seq", "32", "--rounds", "1",
+                 "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled patched / compiled unpatched" in out and "first step (compiling)" in out
+    assert "| train compiled | llama | tokens/s |" in out

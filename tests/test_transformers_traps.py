@@ -132,3 +132,21 @@ def test_hub_kernel_module_in_place_of_a_function(monkeypatch):
         from patchkit.parity import compare
         assert compare(Llama(), model, tiny_batch(model.config.vocab_size)).ok
     assert M.apply_rotary_pos_emb is layer
+
+
+def test_transformers_probe_for_hub_kernels_does_not_load_patchkit_kernels_twice():
+    """From a checkout's root, `kernels/` is also a top-level `kernels` package, and transformers imports `kernels` to
+    probe for Hugging Face's kernel hub. A second copy of patchkit's kernels would define its `torch.library` ops
+    again, overwriting the first registration under the live op objects (seen: random `vector::reserve` errors)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(patchkit.__file__).resolve().parent.parent
+    code = ("import sys, patchkit, torch\n"
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "import kernels\n"
+            "assert not hasattr(kernels, 'TORCH'), 'a second copy of patchkit.kernels'\n"
+            "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules imported twice'\n"
+            "assert not is_kernels_available() or hasattr(kernels, 'kernelize')\n")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
