@@ -29,15 +29,16 @@ def _run(model, batch, spy):
 
 @pytest.fixture
 def splits(monkeypatch):
+    """The documents each attention call split its rows into (None: unsplit)."""
     seen = []
-    original = attention.documents
+    original = attention._documents_once
 
     def spy(*args):
         docs = original(*args)
         seen.append(docs)
         return docs
 
-    monkeypatch.setattr(attention, "documents", spy)
+    monkeypatch.setattr(attention, "_documents_once", spy)
     return seen
 
 
