@@ -89,7 +89,7 @@ class Llama(Architecture):
     def feed_forward(self, module, x, original=None):
         """The gated MLP with the activation kernel its `act_fn` calls for (LoRA on its projections: one node)."""
         modules = module._modules  # no nn.Module attribute lookups: this runs per layer and token
-        kernel = (_ACTIVATION_KERNELS or _activation_kernels()).get(type(modules.get("act_fn")))
+        kernel = _activation_kernels().get(type(modules.get("act_fn")))
         if kernel is None:
             return original(module, x) if original else module(x)
         layers = (modules["gate_proj"], modules["up_proj"], modules["down_proj"])

@@ -115,7 +115,8 @@ def _none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 # tokens are dropped before the matmul, the chunk loop writes into one buffer), so inside the op the graph keeps one
 # shape whatever the batch ignores. `rows` names the backend's per-chunk softmax step (ROWS, below).
 
-def _summed_impl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float,
+@torch.library.custom_op("patchkit::linear_cross_entropy", mutates_args=())
+def _summed(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float,
             divisor: torch.Tensor, rows: str, need_h: bool,
             need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale * sum of the counted tokens' losses, d/dh, d/dweight): the gradients are computed here, in forward,
@@ -141,9 +142,6 @@ def _summed_impl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
     return total * scale, _none(grad_h, h), _none(None if grad_w is None else grad_w.to(weight.dtype), weight)
 
 
-_summed = torch.library.custom_op("patchkit::linear_cross_entropy", _summed_impl, mutates_args=())
-
-
 @_summed.register_fake
 def _(h, weight, targets, ignore_index, softcap, divisor, rows, need_h, need_w):
     return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape if need_h else (0,)),
@@ -154,7 +152,7 @@ def _summed_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
 
 
-def _summed_backward(ctx, grad, _grad_h=None, _grad_w=None):
+def _summed_backward(ctx, grad, _grad_h, _grad_w):
     grad_h, grad_w = ctx.saved_tensors
     one = not torch.compiler.is_compiling() and bool(grad == 1)  # eager: the usual `loss.backward()` copies nothing
     scaled = [None if g.numel() == 0 else g if one else g * grad.to(g.dtype) for g in (grad_h, grad_w)]
@@ -164,19 +162,8 @@ def _summed_backward(ctx, grad, _grad_h=None, _grad_w=None):
 _summed.register_autograd(_summed_backward, setup_context=_summed_context)
 
 
-class _Summed(torch.autograd.Function):
-    """The op in eager: the same implementation and backward, without the custom op's dispatch."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, softcap, divisor, rows, need_h, need_w):
-        loss, grad_h, grad_w = _summed_impl(h, weight, targets, ignore_index, softcap, divisor, rows, need_h, need_w)
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    backward = staticmethod(_summed_backward)
-
-
-def _per_token_impl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float,
+@torch.library.custom_op("patchkit::linear_cross_entropy_per_token", mutates_args=())
+def _per_token(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float,
                rows: str) -> torch.Tensor:
     """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
     keep = targets != ignore_index
@@ -188,15 +175,13 @@ def _per_token_impl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return loss.masked_fill_(~keep, 0)
 
 
-_per_token = torch.library.custom_op("patchkit::linear_cross_entropy_per_token", _per_token_impl, mutates_args=())
-
-
 @_per_token.register_fake
 def _(h, weight, targets, ignore_index, softcap, rows):
     return h.new_empty(h.shape[0], dtype=torch.float32)
 
 
-def _per_token_backward_impl(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+@torch.library.custom_op("patchkit::linear_cross_entropy_per_token_backward", mutates_args=())
+def _per_token_backward(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         ignore_index: int, softcap: float, rows: str, need_h: bool,
                         need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     keep = targets != ignore_index
@@ -208,10 +193,6 @@ def _per_token_backward_impl(grad_loss: torch.Tensor, h: torch.Tensor, weight: t
         _, _, g = ROWS[rows](_logits(h[rows_], weight, buffer), safe[rows_], softcap, True, row_grad[rows_])
         _accumulate(g, h[rows_], weight, grad_h, grad_w, rows_, 1.0)
     return _none(grad_h, h), _none(None if grad_w is None else grad_w.to(weight.dtype), weight)
-
-
-_per_token_backward = torch.library.custom_op("patchkit::linear_cross_entropy_per_token_backward",
-                                              _per_token_backward_impl, mutates_args=())
 
 
 @_per_token_backward.register_fake
@@ -227,24 +208,12 @@ def _per_token_context(ctx, inputs, output):
 
 def _per_token_grad(ctx, grad_loss):
     h, weight, targets = ctx.saved_tensors
-    backward = _per_token_backward if torch.compiler.is_compiling() else _per_token_backward_impl
-    grad_h, grad_w = backward(grad_loss, h, weight, targets, ctx.ignore_index, ctx.softcap, ctx.rows, *ctx.need)
+    grad_h, grad_w = _per_token_backward(grad_loss, h, weight, targets, ctx.ignore_index, ctx.softcap, ctx.rows,
+                                         *ctx.need)
     return (grad_h if ctx.need[0] else None), (grad_w if ctx.need[1] else None), None, None, None, None
 
 
 _per_token.register_autograd(_per_token_grad, setup_context=_per_token_context)
-
-
-class _PerToken(torch.autograd.Function):
-    """The op in eager: the same implementation and backward, without the custom op's dispatch."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, softcap, rows):
-        loss = _per_token_impl(h, weight, targets, ignore_index, softcap, rows)
-        _per_token_context(ctx, (h, weight, targets, ignore_index, softcap, rows), loss)
-        return loss
-
-    backward = staticmethod(_per_token_grad)
 
 
 def _flatten(hidden, labels, shift_labels, ignore_index):
@@ -262,21 +231,16 @@ def _fused(rows, hidden, weight, labels, *, ignore_index=-100, softcap=None, num
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     h, targets, shape = _flatten(hidden, labels, shift_labels, ignore_index)
     softcap = float(softcap or 0.0)
-    compiling = torch.compiler.is_compiling()  # a custom op, opaque to the compiler; in eager, the same code
     if reduction == "none" and num_items_in_batch is None:
-        per_token = _per_token(h, weight, targets, ignore_index, softcap, rows) if compiling else \
-            _PerToken.apply(h, weight, targets, ignore_index, softcap, rows)
-        return per_token.view(shape)
+        return _per_token(h, weight, targets, ignore_index, softcap, rows).view(shape)
     grad = torch.is_grad_enabled()
     items = num_items_in_batch
     if isinstance(items, torch.Tensor):
         divisor = items.detach().to(torch.float32).reshape(())
     else:  # a count given as a number; -1: the counted tokens (a mean); 1: a sum
         divisor = torch.tensor(float(items) if items is not None else -1.0 if reduction == "mean" else 1.0)
-    need = (grad and h.requires_grad, grad and weight.requires_grad)
-    if compiling:
-        return _summed(h, weight, targets, ignore_index, softcap, divisor, rows, *need)[0]
-    return _Summed.apply(h, weight, targets, ignore_index, softcap, divisor, rows, *need)
+    return _summed(h, weight, targets, ignore_index, softcap, divisor, rows, grad and h.requires_grad,
+                   grad and weight.requires_grad)[0]
 
 
 def fused_linear_cross_entropy_torch(hidden, weight, labels, *, ignore_index=-100, softcap=None,

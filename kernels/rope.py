@@ -67,7 +67,7 @@ def apply_rope_torch(q, k, cos, sin):
     if torch.compiler.is_compiling():  # the compiler fuses the composition and recomputes it in backward itself
         half = sin.shape[-1] // 2
         signed = torch.cat((-sin[..., :half], sin[..., half:]), -1)
-        return q * cos + q.roll(half, -1) * signed, k * cos + k.roll(half, -1) * signed
+        return rope_into(q, cos, signed), rope_into(k, cos, signed)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _Rope.apply(q, k, cos, sin)
     signed = signed_sin(sin)  # inference: no autograd node to build, three ops per tensor

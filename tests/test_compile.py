@@ -178,13 +178,19 @@ def _static_generate(model, ids, mask, backend):
                           cache_implementation="static")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_compiled_static_cache_generate_gives_transformers_tokens(name):
+def _prompts(name):
+    """An eval model, a left-padded batch of prompts and the tokens eager unpatched greedy `generate` gives."""
     model = _model(name).eval()
     ids = torch.randint(3, model.config.vocab_size, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    return model, ids, mask, expected
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compiled_static_cache_generate_gives_transformers_tokens(name):
+    model, ids, mask, expected = _prompts(name)
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -212,10 +218,6 @@ def test_inductor_fullgraph_dynamic_matches_eager_unpatched(name, lora):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_inductor_static_cache_generate_gives_transformers_tokens(name):
-    model = _model(name).eval()
-    ids = torch.randint(3, model.config.vocab_size, (2, 7))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    model, ids, mask, expected = _prompts(name)
     with patchkit.patched(name):
         assert torch.equal(_static_generate(model, ids, mask, "inductor"), expected)
