@@ -9,15 +9,23 @@ import types
 
 from patchkit.plugins import hookimpl
 
+from .cohere import Cohere2
+from .exaone import Exaone4
 from .gemma import Gemma, Gemma2, Gemma3Text
+from .glm import Glm4
+from .granite import Granite
 from .llama import Llama
-from .mistral import Mistral
+from .mistral import Ministral, Mistral
+from .olmo import Olmo2, Olmo3
+from .phi3 import Phi3
 from .qwen import Qwen2, Qwen3
+from .smollm3 import SmolLM3
 
 
 @hookimpl
 def patchkit_architectures():
-    return [Llama, Mistral, Gemma, Gemma2, Gemma3Text, Qwen2, Qwen3]
+    return [Llama, Mistral, Gemma, Gemma2, Gemma3Text, Qwen2, Qwen3, Phi3, Granite, Olmo2, Olmo3, SmolLM3, Glm4,
+            Cohere2, Exaone4, Ministral]
 
 
 class _CallableModule(types.ModuleType):
@@ -30,4 +38,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Gemma", "Gemma2", "Gemma3Text", "Llama", "Mistral", "Qwen2", "Qwen3"]
+__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "Granite", "Llama", "Ministral", "Mistral",
+           "Olmo2", "Olmo3", "Phi3", "Qwen2", "Qwen3", "SmolLM3"]

@@ -15,7 +15,7 @@
 
 from typing import ClassVar
 
-from .llama import Llama, rope_table
+from .llama import Llama, layer_type_rope
 
 
 class Gemma(Llama):
@@ -45,10 +45,11 @@ class Gemma3Text(Gemma2):
     module = "transformers.models.gemma3.modeling_gemma3"
     prefix = "Gemma3"
     config_class = "Gemma3TextConfig"
-    tiny_config: ClassVar[dict] = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
-                                   "final_logit_softcapping": 0.5}
+    tiny_config: ClassVar[dict] = {"layer_types": ["sliding_attention", "full_attention"],
+                                   "attn_logit_softcapping": None,  # Gemma 3 attends with sdpa: no attention cap
+                                   "query_pre_attn_scalar": 24,
+                                   "rope_parameters": {"full_attention": {**Llama.tiny_config["rope_parameters"]},
+                                                       "sliding_attention": {"rope_type": "default",
+                                                                             "rope_theta": 500.0}}}
 
-    def decode_rope(self, backbone, h, position):  # main diff with Gemma 2: one rotary table per layer type
-        types = backbone.config.layer_types
-        tables = {kind: rope_table(backbone.rotary_emb(h, position, kind), h.dtype) for kind in set(types)}
-        return lambda i: tables[types[i]]
+    decode_rope = layer_type_rope  # main diff with Gemma 2: one rotary table per layer type

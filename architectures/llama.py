@@ -3,21 +3,26 @@
 Ops and what they replace in `transformers.models.llama.modeling_llama`:
 - `rms_norm`: `LlamaRMSNorm.forward` -> `kernels.rms_norm` (float32 compute, Llama casting)
 - `rope`: `apply_rotary_pos_emb` -> `kernels.apply_rope`
-- `mlp`: `LlamaMLP.forward` -> gated activation kernel chosen from the module's `act_fn`; with PEFT
-  LoRA on its projections (and the `lora` op on), one `kernels.lora_mlp` node for all three
+- `mlp`: `LlamaMLP.forward` -> the gated kernel `kernels.activation_kernel` picks for the module's
+  activation; with PEFT LoRA on its projections (and the `lora` op on), one `kernels.lora_mlp` node
 - `attention`: the module's `ALL_ATTENTION_FUNCTIONS` -> a local `AttentionInterface` whose sdpa and
   eager attend per document in packed rows (`patchkit.attention`)
 - `lora`: PEFT's `lora.Linear.forward` -> `kernels.lora_linear` (shared by every family:
   `patchkit.integrations`), which serves the attention projections
 - `cross_entropy`: `LlamaForCausalLM.forward` -> with labels in training, the backbone plus
-  `kernels.fused_linear_cross_entropy` (no logits); otherwise the original forward, untouched.
+  `kernels.fused_linear_cross_entropy` (no logits); otherwise the original forward, untouched
+  (`architectures.causal_lm`).
+
+Below the ops are the seams a family overrides to state a difference (docs/plugins.md lists each with its
+contract): `norm`, `mlp_parts`, `logit_scale`, `extra_loss` in training; `embed`, `decode_rope`, `rotate`,
+`qkv`, `qk_norm`, `decode_layer`, `residual`, `decode_window`, `decode_attention`, `decode_logits` in the
+decode step.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,17 +34,7 @@ from patchkit.attention import interface as packed_attention
 from patchkit.products import project
 from patchkit.integrations import lora_projection
 
-
-_ACTIVATION_KERNELS: dict[type, str] = {}  # a plain dict, filled when the MLP is patched: dynamo reads it
-
-
-def _activation_kernels() -> dict[type, str]:
-    if not _ACTIVATION_KERNELS:
-        from transformers import activations
-
-        _ACTIVATION_KERNELS.update({activations.SiLUActivation: "swiglu", nn.SiLU: "swiglu",
-                                    activations.GELUTanh: "geglu"})
-    return _ACTIVATION_KERNELS
+from .causal_lm import fused_forward
 
 
 class Llama(Architecture):
@@ -79,30 +74,52 @@ class Llama(Architecture):
 
     @replaces("mlp", "{prefix}MLP.forward")
     def mlp(self, original):
-        _activation_kernels()
+        K.activation_kernel(None)  # the lookup filled before any compiled forward reads it
 
         def forward(module, x):
             return self.feed_forward(module, x, original)
 
         return forward
 
-    def feed_forward(self, module, x, original=None):
-        """The gated MLP with the activation kernel its `act_fn` calls for (LoRA on its projections: one node)."""
+    def mlp_parts(self, module) -> tuple[nn.Module | tuple[nn.Module, nn.Module], nn.Module, nn.Module | None]:
+        """(gate and up, down, activation) of a gated MLP module. Gate and up are two layers, or one fused layer
+        whose output is `[gate | up]` (Phi-3's `gate_up_proj`)."""
         modules = module._modules  # no nn.Module attribute lookups: this runs per layer and token
-        kernel = _activation_kernels().get(type(modules.get("act_fn")))
+        return (modules["gate_proj"], modules["up_proj"]), modules["down_proj"], modules.get("act_fn")
+
+    def feed_forward(self, module, x, original=None):
+        """The gated MLP with the kernel its activation calls for (LoRA on its projections: one node)."""
+        gate_up, down, activation = self.mlp_parts(module)
+        kernel = K.activation_kernel(activation)
         if kernel is None:
+            K.fell_back("mlp", f"activation {type(activation).__name__} has no gated kernel")
             return original(module, x) if original else module(x)
-        layers = (modules["gate_proj"], modules["up_proj"], modules["down_proj"])
+        layers = (*gate_up, down) if isinstance(gate_up, tuple) else (gate_up, down)
         if self.enabled.get("lora", False) and any(type(layer) is not nn.Linear for layer in layers):
             projections = [lora_projection(layer, x) for layer in layers]
             if all(projections) and any(p.lora_a is not None for p in projections):
+                if len(projections) == 2:  # one fused gate_up: its halves, as views of its weights
+                    projections = [*_halves(projections[0]), projections[1]]
                 return K.lora_mlp(x, *projections, activation=kernel, backend=self.backend)
-        gated = getattr(K, kernel)(project(layers[0], x), project(layers[1], x), backend=self.backend)
-        return project(layers[2], gated)
+        if isinstance(gate_up, tuple):
+            gate, up = project(gate_up[0], x), project(gate_up[1], x)
+        else:
+            gate, up = project(gate_up, x).chunk(2, dim=-1)
+        return project(down, getattr(K, kernel)(gate, up, backend=self.backend))
+
+    def logit_scale(self, config) -> float | None:
+        """The factor on the logits (None: 1). Applied to the final hidden states, so the fused loss, TRL's head
+        and the decode step all see it."""
+        return None
+
+    def extra_loss(self, lm, outputs, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """(a term added to the fused loss, fields for the output) from the backbone's `outputs` and the call's
+        `inputs`: a router's auxiliary loss and logits. None and {} by default."""
+        return None, {}
 
     @replaces("cross_entropy", "{prefix}ForCausalLM.forward")
     def cross_entropy(self, original):
-        return _fused_causal_lm_forward(original, self.backend)
+        return fused_forward(self, original)
 
     @replaces("attention", "ALL_ATTENTION_FUNCTIONS")
     def attention(self, original):
@@ -114,44 +131,84 @@ class Llama(Architecture):
         """Logits (batch, vocab) for the token after `tokens` (batch,) at `position` (batch, 1); the hidden states
         are (batch, hidden): one row per sequence."""
         backbone = lm.base_model
-        h = backbone.embed_tokens(tokens)
+        h = self.embed(backbone, tokens)
         rope = self.decode_rope(backbone, h, position)
         for i, layer in enumerate(state.layers):
-            h = self.decode_layer(layer, h, rope(i), state, i)
-        logits = project(lm.get_output_embeddings(), self.norm(backbone.norm, h))
+            h = self.decode_layer(layer, h, rope(i) if state.rotary[i] else None, state, i)
+        return self.decode_logits(lm, h, state)
+
+    def embed(self, backbone, tokens):
+        """The input embeddings of `tokens` (batch,) as the backbone's forward computes them (multipliers too)."""
+        return backbone.embed_tokens(tokens)
+
+    def decode_logits(self, lm, h, state):
+        """Logits of the last hidden states (batch, hidden): final norm, head, `logit_scale`, soft-cap."""
+        h = self.norm(lm.base_model.norm, h)
+        if state.logit_scale is not None:
+            h = h * state.logit_scale
+        logits = project(lm.get_output_embeddings(), h)
         softcap = state.final_softcap
         return torch.tanh(logits / softcap) * softcap if softcap else logits
 
     def decode_rope(self, backbone, h, position):
-        """(cos, signed sin) of layer i, as a function of i (see `kernels.rope_into`): one table for every layer."""
+        """The rotary table of layer i (what `rotate` takes; None: the layer has no RoPE), as a function of i:
+        here (cos, signed sin) (see `kernels.rope_into`), one table for every layer."""
         table = rope_table(backbone.rotary_emb(h, position), h.dtype)
         return lambda i: table
 
+    def rotate(self, q, k, table, out):
+        """`q` rotated by `table`, returned; `k` rotated into `out` (its cache slot)."""
+        K.rope_into(k, *table, out=out)
+        return K.rope_into(q, *table)
+
     def decode_layer(self, layer, h, rope, state, i):
-        h = h + self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h), rope, state, i)
-        return h + self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h))
+        """One decoder layer on one token per row, (batch, hidden) -> (batch, hidden)."""
+        h = self.residual(layer, h, self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h),
+                                                          rope, state, i))
+        return self.residual(layer, h, self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h)))
+
+    def residual(self, layer, h, out):
+        """The residual stream `h` plus a block's `out` (Granite scales `out` by its residual multiplier)."""
+        return h + out
 
     def decode_window(self, attn) -> int | None:
         """The sliding window of this attention layer, or None (asked once per layer, before the first step)."""
         return vars(attn).get("sliding_window")
 
-    def decode_qk(self, attn, x):
-        """Query and key (batch, heads, head dim), normed per head where the layer has q/k norms."""
-        shape = (x.shape[0], -1, attn.head_dim)
-        q, k = project(attn.q_proj, x).view(shape), project(attn.k_proj, x).view(shape)
+    def decode_unserved(self, lm, max_length: int) -> str | None:
+        """Why the decode loop cannot generate up to `max_length` tokens for this model (transformers' own loop
+        runs instead, logged), or None."""
+        return None
+
+    def rotary_layer(self, attn) -> bool:
+        """Whether this attention layer applies RoPE (asked once per layer, before the first step; SmolLM3's
+        no-RoPE layers say no)."""
+        return True
+
+    def qkv(self, attn, x):
+        """Query, key and value projections of `x` (batch, hidden), flat: (batch, heads * head dim) each."""
+        modules = attn._modules
+        return project(modules["q_proj"], x), project(modules["k_proj"], x), project(modules["v_proj"], x)
+
+    def qk_norm(self, attn, q, k):
+        """q and k (batch, heads, head dim) normed where the layer has q/k norms (here per head)."""
         if attn._modules.get("q_norm") is not None:  # a getattr miss on a module raises: too dear per step
-            q, k = self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
+            return self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
         return q, k
 
     def decode_attention(self, attn, x, rope, state, i):
         """q/k/v, RoPE (the key rotated straight into its cache slot), attention over cache views, o_proj:
         one sdpa call over the heads packed by kv head, or the model's own attention function (eager, softcap)."""
         batch = x.shape[0]
-        q, k = self.decode_qk(attn, x)
+        shape = (batch, -1, attn.head_dim)
+        q, k, v = self.qkv(attn, x)
+        q, k = self.qk_norm(attn, q.view(shape), k.view(shape))
         keys, values, mask = state.window(i)  # the current token's slot is the last of the window
-        q = K.rope_into(q, *rope)
-        K.rope_into(k, *rope, out=keys.select(2, -1))
-        values.select(2, -1).copy_(project(attn.v_proj, x).view(k.shape))
+        if rope is None:
+            keys.select(2, -1).copy_(k)
+        else:
+            q = self.rotate(q, k, rope, keys.select(2, -1))
+        values.select(2, -1).copy_(v.view(k.shape))
         softcap = vars(attn).get("attn_logit_softcapping")
         if state.implementation == "sdpa" and softcap is None:  # one query: its heads share a kv head
             out = F.scaled_dot_product_attention(q.view(batch, keys.shape[1], -1, q.shape[-1]), keys, values,
@@ -164,6 +221,31 @@ class Llama(Architecture):
         return project(attn.o_proj, out.reshape(batch, -1))
 
 
+def layer_type_rope(self, backbone, h, position):
+    """`decode_rope` of a family with one rotary table per layer type (`rotary_emb(x, position, layer_type)`:
+    Gemma 3, OLMo 3): each type's table computed once per step."""
+    types = backbone.config.layer_types
+    tables = {kind: rope_table(backbone.rotary_emb(h, position, kind), h.dtype) for kind in set(types)}
+    return lambda i: tables[types[i]]
+
+
+class OwnRope:
+    """A mixin for families whose RoPE is another layout (pairs interleaved: GLM, Cohere): the `rope` op is not
+    patched, and the decode step rotates with the family's own `apply_rotary_pos_emb`."""
+
+    rope = None
+
+    def decode_rope(self, backbone, h, position):
+        cos, sin = backbone.rotary_emb(h, position)  # (batch, 1, rotary dim)
+        table = cos[:, 0].to(h.dtype), sin[:, 0].to(h.dtype)
+        return lambda i: table
+
+    def rotate(self, q, k, table, out):
+        q, k = self.load_module().apply_rotary_pos_emb(q, k, *table)  # unsqueezed on the head axis
+        out.copy_(k)
+        return q
+
+
 def rope_table(cos_sin, dtype):
     """A rotary module's (cos, sin), (batch, 1, head dim), as `kernels.rope_into` takes them: in `dtype`, the sine
     signed."""
@@ -171,78 +253,10 @@ def rope_table(cos_sin, dtype):
     return cos.to(dtype), K.signed_sin(sin.to(dtype))
 
 
-def _fused_causal_lm_forward(original, backend):
-    """A `*ForCausalLM.forward` that computes the training loss without logits.
-
-    The fused path runs when labels are given in training mode (or `skip_logits=True`), and
-    for TRL's `fused_lm_head=True` call; everything else goes to the original forward.
-    """
-    signature = inspect.signature(original)
-    var_kw = next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD)
-    labels_at = list(signature.parameters).index("labels") - 1  # positional index after self
-
-    def forward(self, *args, **kwargs):
-        fused_lm_head = kwargs.pop("fused_lm_head", False)
-        skip_logits = kwargs.pop("skip_logits", None)
-        if not (fused_lm_head or skip_logits or len(args) > labels_at or {"labels", "shift_labels"} & kwargs.keys()):
-            return original(self, *args, **kwargs)  # no labels: nothing to fuse (generation's every step)
-        bound = signature.bind(self, *args, **kwargs).arguments
-        labels = bound.get("labels")
-        wanted = (labels is not None or "shift_labels" in bound.get(var_kw, {})) and (
-            self.training if skip_logits is None else skip_logits)
-        head = self.get_output_embeddings()
-        usable = isinstance(head, nn.Linear) and head.bias is None  # not a PEFT-wrapped or biased head
-        if not (fused_lm_head or wanted) or not usable:
-            return original(self, *args, **kwargs)
-        extra = dict(bound.pop(var_kw, {}))  # passed to the backbone too, as the original does
-        return_dict = extra.pop("return_dict", None)
-        loss_kwargs = {k: extra[k] for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in extra}
-        inputs = {k: v for k, v in bound.items() if k not in ("self", "labels", "logits_to_keep")}
-        if fused_lm_head:
-            inputs["use_cache"] = False
-        outputs = self.base_model(**inputs, **extra)
-        hidden = outputs.last_hidden_state
-        softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        if fused_lm_head:
-            return _trl_output(hidden, head.weight, labels, softcap, loss_kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-        from transformers.modeling_utils import slice_logits_to_keep
-
-        hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
-        loss = K.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, backend=backend,
-                                            **loss_kwargs)
-        # transformers 5.24 renamed `past_key_values` to `cache`
-        cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions, **{cache: getattr(outputs, cache)})
-        use_tuple = return_dict is False or (return_dict is None and not self.config.return_dict)
-        return out.to_tuple() if use_tuple else out
-
-    return forward
-
-
-def _trl_output(hidden, weight, labels, softcap, loss_kwargs):
-    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul."""
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    from patchkit.kernels.log_probs import linear_log_probs
-
-    shift_labels = loss_kwargs.get("shift_labels")
-    if shift_labels is None:
-        hidden, targets = hidden[:, :-1], labels[:, 1:]
-    else:
-        targets = shift_labels
-    targets = targets.to(weight.device)
-    mask = targets != -100
-    rows = mask.flatten().nonzero().squeeze(1)
-    flat = hidden.to(weight.device).reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    device = weight.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype  # as TRL does
-    with torch.autocast(device, enabled=False):
-        per_token = linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap, compute_dtype=dtype)
-    log_probs, entropy, top1 = (torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
-                                for t in per_token)
-    num_items = loss_kwargs.get("num_items_in_batch")
-    loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
-                               mean_logits=None, is_top1=top1, label_mask=mask, aux_loss=None)
+def _halves(fused: K.Projection) -> tuple[K.Projection, K.Projection]:
+    """A fused `[gate | up]` projection as two, over views of its weights (gradients flow into the fused ones)."""
+    n = fused.weight.shape[0] // 2
+    bias = (None, None) if fused.bias is None else (fused.bias[:n], fused.bias[n:])
+    b = (None, None) if fused.lora_b is None else (fused.lora_b[:n], fused.lora_b[n:])
+    return (K.Projection(fused.weight[:n], bias[0], fused.lora_a, b[0], fused.scaling),
+            K.Projection(fused.weight[n:], bias[1], fused.lora_a, b[1], fused.scaling))

@@ -11,17 +11,20 @@ ops (`torch.library` custom ops among them) are defined once, as `patchkit.kerne
 
 if __name__ == "patchkit.kernels":
     from . import _triton, liger
-    from ._dispatch import OPS, BackendError, Provider, clear_cache, dispatch, prepare, resolve
+    from ._dispatch import (OPS, BackendError, Provider, clear_cache, dispatch, fell_back, prepare, resolve, served,
+                            serving)
     from .cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entropy_torch,
                                 fused_linear_cross_entropy_triton)
     from .lora import Projection, lora_linear, lora_linear_torch, lora_mlp, lora_mlp_torch
-    from .mlp import geglu, geglu_torch, geglu_triton, swiglu, swiglu_torch, swiglu_triton
+    from .mlp import (ACTIVATIONS, activation_kernel, geglu, geglu_torch, geglu_triton, register_activation, swiglu,
+                      swiglu_torch, swiglu_triton)
     from .rms_norm import rms_norm, rms_norm_torch, rms_norm_triton
     from .rope import apply_rope, apply_rope_torch, apply_rope_triton, rope_into, signed_sin
     from .providers import COMPOSITE, LIGER, TORCH, TRITON
 
 __all__ = [
-    "LIGER", "OPS", "BackendError", "Projection", "Provider", "TORCH", "TRITON", "apply_rope", "clear_cache",
-    "dispatch", "fused_linear_cross_entropy", "geglu", "lora_linear", "lora_mlp", "prepare", "resolve", "rms_norm",
-    "rope_into", "signed_sin", "swiglu",
+    "ACTIVATIONS", "LIGER", "OPS", "BackendError", "Projection", "Provider", "TORCH", "TRITON", "activation_kernel",
+    "apply_rope", "clear_cache", "dispatch", "fell_back", "fused_linear_cross_entropy", "geglu", "lora_linear",
+    "lora_mlp", "prepare", "register_activation", "resolve", "rms_norm", "rope_into", "served", "serving", "signed_sin",
+    "swiglu",
 ]

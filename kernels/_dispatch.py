@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -104,5 +106,41 @@ def prepare(backend: str) -> None:
                 pass
 
 
+@dataclass
+class Served:
+    """What ran while `serving()` recorded: kernel calls per op, and fallbacks per (patched op, reason)."""
+
+    kernels: Counter = field(default_factory=Counter)
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+_served: Served | None = None  # recording is off (None) but in the verifier
+
+
+@contextlib.contextmanager
+def serving() -> Iterator[Served]:
+    """Record which kernels the ops call and where patched code fell back to the original (the verifier)."""
+    global _served
+    prior, _served = _served, Served()
+    try:
+        yield _served
+    finally:
+        _served = prior
+
+
+def served(op: str) -> None:
+    """Count one call of kernel `op` (dispatch does; so does an op that bypasses dispatch)."""
+    if _served is not None:
+        _served.kernels[op] += 1
+
+
+def fell_back(op: str, reason: str) -> None:
+    """Note that the replacement of patched op `op` ran the original instead, and why."""
+    if _served is not None:
+        _served.fallbacks[op, reason] += 1
+
+
 def dispatch(op: str, backend: str, device: torch.device) -> Callable:
+    if _served is not None:
+        _served.kernels[op] += 1
     return resolve(op, backend, device.type)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from .cross_entropy import _flatten
 
 
@@ -32,6 +34,11 @@ def apply_rope_liger(q, k, cos, sin):
     if cos.dim() != 4 or cos.shape[1] != 1:
         raise ValueError("backend 'liger' applies RoPE to (batch, heads, seq, dim) with cos/sin of "
                          "(batch, 1, seq, dim)")
+    rotary = cos.shape[-1]
+    if rotary < q.shape[-1]:  # partial rotary: liger rotates whole heads, so rotate the leading features only
+        q2, k2 = _functional().liger_rope(q[..., :rotary].contiguous(), k[..., :rotary].contiguous(),
+                                          cos.squeeze(1), sin.squeeze(1))
+        return torch.cat((q2, q[..., rotary:]), -1), torch.cat((k2, k[..., rotary:]), -1)
     return _functional().liger_rope(q, k, cos.squeeze(1), sin.squeeze(1))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._dispatch import served
 from .cross_entropy import _chunks, _logits, _softmax
 
 
@@ -26,6 +27,7 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 
     The matmuls run in `compute_dtype` (default: the weight's; TRL passes autocast's dtype), the
     softmax and the accumulated weight gradient in float32."""
+    served("linear_log_probs")
     return _LogProbs.apply(hidden, weight, targets, softcap, compute_dtype or weight.dtype)
 
 

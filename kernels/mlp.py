@@ -1,6 +1,9 @@
 """Gated activations of the MLP: `swiglu = silu(gate) * up`, `geglu = gelu_tanh(gate) * up`.
 
 Backward keeps gate and up only; the activation is recomputed instead of stored.
+
+`activation_kernel(module)` says which of the two an MLP's activation module calls for (None: neither, the
+MLP runs unfused); `register_activation` teaches it another activation class.
 """
 
 from __future__ import annotations
@@ -18,6 +21,32 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     return dispatch("geglu", backend, gate.device)(gate, up)
+
+
+ACTIVATIONS: dict[type, str] = {}  # activation module class -> gated op; a plain dict: dynamo reads it
+
+
+def register_activation(cls: type, kernel: str) -> None:
+    """Serve MLPs whose activation module is a `cls` with the gated op `kernel` ("swiglu" or "geglu")."""
+    if kernel not in ("swiglu", "geglu"):
+        raise ValueError(f"kernel must be 'swiglu' or 'geglu', got {kernel!r}")
+    _defaults()
+    ACTIVATIONS[cls] = kernel
+
+
+def _defaults() -> None:
+    if not ACTIVATIONS:
+        from torch import nn
+        from transformers import activations as A
+
+        ACTIVATIONS.update({A.SiLUActivation: "swiglu", nn.SiLU: "swiglu", A.GELUTanh: "geglu",
+                            A.NewGELUActivation: "geglu"})  # gelu_new is the tanh approximation too
+
+
+def activation_kernel(module) -> str | None:
+    """The gated op ("swiglu", "geglu") for an MLP whose activation module is `module`, or None."""
+    _defaults()
+    return ACTIVATIONS.get(type(module))
 
 
 def _gelu_tanh(x):

@@ -21,7 +21,15 @@ def rotate_half(x):
 
 
 def apply_rope(q, k, cos, sin):
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    """transformers' rotation; tables narrower than the head rotate its leading features (Phi-3's partial
+    rotary)."""
+    rotary = cos.shape[-1]
+
+    def rotate(x):
+        part = x[..., :rotary]
+        return torch.cat([part * cos + rotate_half(part) * sin, x[..., rotary:]], dim=-1)
+
+    return rotate(q), rotate(k)
 
 
 def swiglu(gate, up):

@@ -1,7 +1,9 @@
 """Rotary position embedding: `x * cos + rotate_half(x) * sin` for q and k in one call.
 
 `cos` and `sin` broadcast against q and k (transformers passes them unsqueezed on the head
-axis). Backward keeps only cos and sin, which every layer shares: the op is linear in q and k.
+axis). They may be narrower than the head (partial rotary, `partial_rotary_factor` < 1: Phi-4-mini,
+GLM): the first `cos.shape[-1]` features rotate, the rest pass through unchanged. Backward keeps
+only cos and sin, which every layer shares: the op is linear in q and k.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 import torch
 
 from ._dispatch import dispatch
-from ._triton import block, cast, jit, tl
+from ._triton import block, cast, jit, rounded, tl
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -19,12 +21,28 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return dispatch("apply_rope", backend, q.device)(q, k, cos, sin)
 
 
+def _check(q, cos):
+    rotary = cos.shape[-1]
+    if rotary % 2 or rotary > q.shape[-1]:
+        raise ValueError(f"rotary dim (cos.shape[-1] = {rotary}) must be even and at most head_dim ({q.shape[-1]})")
+
+
 def _rotate(x, cos, sin, sign):
-    """`x * cos + sign * rotate_half(x) * sin`; sign=-1 applies the transpose (the backward)."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half] if sign > 0 else sin[..., half:], value=-sign)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:] if sign > 0 else sin[..., :half], value=sign)
+    """`x * cos + sign * rotate_half(x) * sin` over the first `cos.shape[-1]` features, the rest passed through;
+    sign=-1 applies the transpose (the backward)."""
+    rotary = cos.shape[-1]
+    half = rotary // 2
+    if rotary == x.shape[-1]:
+        out = x * cos
+    else:
+        out = x.clone()
+        out[..., :rotary].mul_(cos)
+    part = x[..., :rotary]
+    # products rounded before the sum, as transformers' `q * cos + rotate_half(q) * sin` rounds them
+    low = part[..., half:] * (sin[..., :half] if sign > 0 else sin[..., half:])
+    high = part[..., :half] * (sin[..., half:] if sign > 0 else sin[..., :half])
+    (out[..., :half].sub_ if sign > 0 else out[..., :half].add_)(low)
+    (out[..., half:rotary].add_ if sign > 0 else out[..., half:rotary].sub_)(high)
     return out
 
 
@@ -41,9 +59,19 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def rope_into(x, cos, signed, out=None):
-    """`x` rotated (no autograd; inference; `signed` from `signed_sin`), three ops in all, written into `out` when
-    given: a key straight into its cache slot."""
-    return torch.mul(x, cos, out=out).addcmul_(x.roll(x.shape[-1] // 2, -1), signed)
+    """`x` rotated (`signed` from `signed_sin`), four ops in all, written into `out` when given (no autograd;
+    inference: a key straight into its cache slot). A `cos` narrower than `x` rotates only the leading features."""
+    rotary = cos.shape[-1]  # products rounded before the sum, as transformers rounds them
+    if rotary == x.shape[-1]:
+        if out is None:  # differentiable (the compiled composition)
+            return x * cos + x.roll(rotary // 2, -1) * signed
+        return torch.mul(x, cos, out=out).add_(x.roll(rotary // 2, -1).mul_(signed))
+    part, rest = x[..., :rotary], x[..., rotary:]
+    if out is None:
+        return torch.cat((part * cos + part.roll(rotary // 2, -1) * signed, rest), -1)
+    out[..., rotary:].copy_(rest)
+    out[..., :rotary].copy_(part * cos).add_(part.roll(rotary // 2, -1).mul_(signed))
+    return out
 
 
 class _Rope(torch.autograd.Function):
@@ -61,8 +89,11 @@ class _Rope(torch.autograd.Function):
 
 
 def apply_rope_torch(q, k, cos, sin):
-    if q.shape[-1] % 2:
-        raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
+    _check(q, cos)
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    if dtype != q.dtype:  # float32 tables on half-precision q/k (OLMo 2): the reference computes in float32
+        q2, k2 = apply_rope_torch(q.to(dtype), k.to(dtype), cos, sin)
+        return q2.to(q.dtype), k2.to(k.dtype)
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     if torch.compiler.is_compiling():  # the compiler fuses the composition and recomputes it in backward itself
         half = sin.shape[-1] // 2
@@ -77,9 +108,10 @@ def apply_rope_torch(q, k, cos, sin):
 # --- triton ---------------------------------------------------------------------------------
 
 @jit
-def _rope_kernel(X, C, S, Y, heads, seq, sxb, sxh, sxl, scb, sch, scl, ssb, ssh, ssl, half,
-                 BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
-    """One (batch, head, position) row: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (transposed when BACKWARD)."""
+def _rope_kernel(X, C, S, Y, heads, seq, sxb, sxh, sxl, scb, sch, scl, ssb, ssh, ssl, half, dim,
+                 BACKWARD: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr):
+    """One (batch, head, position) row: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (transposed when BACKWARD) over the
+    first 2 * half features; the other `dim - 2 * half` (PASS > 0: partial rotary) are copied."""
     row = tl.program_id(0)
     b, h, pos = row // (heads * seq), (row // seq) % heads, row % seq
     cols = tl.arange(0, BLOCK)
@@ -93,13 +125,26 @@ def _rope_kernel(X, C, S, Y, heads, seq, sxb, sxh, sxl, scb, sch, scl, ssb, ssh,
     c2 = tl.load(c + half + cols, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(s + cols, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(s + half + cols, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+    T: tl.constexpr = C.dtype.element_ty  # products rounded to the tables' precision before the sum, as the
+    # reference rounds them (float32 tables on half-precision q/k: transformers computes in float32)
+    if T == tl.float32:  # nothing to round (and no helper calls, which Triton's interpreter makes dear)
+        if BACKWARD:
+            y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+        else:
+            y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+    elif BACKWARD:
+        y1 = rounded(x1 * c1, T) + rounded(x2 * s2, T)
+        y2 = rounded(x2 * c2, T) - rounded(x1 * s1, T)
     else:
-        y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-    y = Y + row * 2 * half
+        y1 = rounded(x1 * c1, T) - rounded(x2 * s1, T)
+        y2 = rounded(x2 * c2, T) + rounded(x1 * s2, T)
+    y = Y + row * dim
     tl.store(y + cols, cast(y1, Y.dtype.element_ty), mask=mask)
     tl.store(y + half + cols, cast(y2, Y.dtype.element_ty), mask=mask)
+    if PASS > 0:
+        rest = tl.arange(0, PASS)
+        keep = rest < dim - 2 * half
+        tl.store(y + 2 * half + rest, tl.load(x + 2 * half + rest, mask=keep), mask=keep)
 
 
 def _as4d(t):
@@ -110,12 +155,15 @@ def _rope_triton_one(x, cos, sin, backward):
     x4 = _as4d(x)
     if x4.stride(-1) != 1:
         x4 = x4.contiguous()
-    c4, s4 = (_as4d(t).expand(x4.shape) for t in (cos, sin))
-    c4, s4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (c4, s4))
     batch, heads, seq, dim = x4.shape
+    rotary = cos.shape[-1]
+    c4, s4 = (_as4d(t).expand(batch, heads, seq, rotary) for t in (cos, sin))
+    c4, s4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (c4, s4))
     y = torch.empty(x4.shape, dtype=x.dtype, device=x.device)
+    rest = dim - rotary
     _rope_kernel[(batch * heads * seq,)](x4, c4, s4, y, heads, seq, *x4.stride()[:3], *c4.stride()[:3],
-                                         *s4.stride()[:3], dim // 2, BACKWARD=backward, BLOCK=block(dim // 2))
+                                         *s4.stride()[:3], rotary // 2, dim, BACKWARD=backward,
+                                         BLOCK=block(rotary // 2), PASS=block(rest) if rest else 0)
     return y.view(x.shape)
 
 
@@ -145,6 +193,7 @@ _rope_op.register_autograd(_rope_grad, setup_context=_rope_context)
 
 
 def apply_rope_triton(q, k, cos, sin):
-    if q.shape[-1] % 2:
-        raise ValueError(f"rotary head_dim must be even, got {q.shape[-1]}")
+    _check(q, cos)
+    if torch.promote_types(q.dtype, cos.dtype) == q.dtype:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     return _rope_op(q, cos, sin, False), _rope_op(k, cos, sin, False)

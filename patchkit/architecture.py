@@ -1,7 +1,8 @@
 """`Architecture`: a declarative description of what patchkit replaces in one model family.
 
 A family states its name; its transformers module (`transformers.models.<name>.modeling_<name>`),
-class-name prefix (`<Name>`) and model types (`(<name>,)`) follow from it unless set. Each op is
+class-name prefix (transformers' own: `Qwen3Moe` for `qwen3_moe`, from its config class name) and model
+types (`(<name>,)`) follow from it unless set; `tiny_config` merges into the parent's. Each op is
 a method marked `@replaces(op, *paths)` that receives the original object and returns its
 replacement. Paths are attribute paths inside the module, with `{prefix}` filled in, so a
 subclass for another family inherits every op and restates only what differs.
@@ -26,17 +27,28 @@ def replaces(op: str, *paths: str) -> Callable[[Callable], Callable]:
     return mark
 
 
+def camel_case(name: str) -> str:
+    """transformers' class-name prefix of model type `name`: `Qwen3Moe` for qwen3_moe, `SmolLM3` for smollm3."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = CONFIG_MAPPING_NAMES.get(name)
+    if config and config.endswith("Config"):
+        return config[: -len("Config")]
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
+
+
 class Architecture:
     """Base class of architecture plugins. Instances carry the chosen backend."""
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]] = ()  # default: (name,)
     module: ClassVar[str]  # default: transformers.models.<name>.modeling_<name>
-    prefix: ClassVar[str]  # default: name.capitalize()
+    prefix: ClassVar[str]  # default: transformers' CamelCase (its config class name without "Config")
     config_class: ClassVar[str] = ""  # defaults to f"{prefix}Config" in transformers
     overrides: ClassVar[bool] = False  # replace a registered architecture of the same name
     shared_ops: ClassVar[tuple[str, ...]] = ()  # ops served by patches all families share (patchkit.integrations)
-    tiny_config: ClassVar[dict[str, Any]] = {}  # overrides for the verifier's tiny model
+    tiny_config: ClassVar[dict[str, Any]] = {}  # the verifier's tiny model: merged into the parent's
+    fallbacks: ClassVar[dict[str, str]] = {}  # op -> why its replacement may run the original on the tiny model
 
     _factories: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
 
@@ -47,9 +59,11 @@ class Architecture:
             if "module" not in own:
                 cls.module = f"transformers.models.{cls.name}.modeling_{cls.name}"
             if "prefix" not in own:
-                cls.prefix = cls.name.capitalize()
+                cls.prefix = camel_case(cls.name)
             if "model_types" not in own:
                 cls.model_types = (cls.name,)
+        if "tiny_config" in own:
+            cls.tiny_config = {**super(cls, cls).tiny_config, **own["tiny_config"]}
         factories = dict(cls._factories)
         for attr, value in vars(cls).items():
             if hasattr(value, _MARK):
@@ -73,7 +87,7 @@ class Architecture:
     def differences(cls) -> dict[str, Any]:
         """What this class changes relative to its parent: settings it sets and op factories it overrides."""
         identity = {"name", "model_types", "module", "prefix", "config_class", "tiny_config", "overrides", "_factories",
-                    "shared_ops"}
+                    "shared_ops", "fallbacks"}
         return {k: v for k, v in vars(cls).items() if not k.startswith("__") and k not in identity}
 
     @classmethod

@@ -70,6 +70,10 @@ def unserved(model, config, synced_gpus: bool, model_kwargs: dict) -> str | None
     """Why the decode loop cannot run this `_sample` call, or None when it can."""
     if not hasattr(model, "_prefill"):
         return "a transformers generate without `_prefill` (patchkit runs on 5.23 and later)"
+    arch_cls, lm = architecture_of(model)
+    reason = arch_cls().decode_unserved(lm, config.max_length)
+    if reason:
+        return reason
     implementation = model.config._attn_implementation
     if implementation not in ATTENTION:
         return (f"attention {implementation!r} (the decode step runs {' or '.join(ATTENTION)}: load the model with "

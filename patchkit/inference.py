@@ -25,8 +25,10 @@ class DecodeState:
     def __init__(self, arch, lm, cache, attention_mask: torch.Tensor | None, cached: int, new_tokens: int):
         self.layers = list(lm.base_model.layers[: lm.base_model.config.num_hidden_layers])
         self.windows = [arch.decode_window(layer.self_attn) for layer in self.layers]
+        self.rotary = [arch.rotary_layer(layer.self_attn) for layer in self.layers]
         self.implementation = lm.config._attn_implementation
         self.final_softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        self.logit_scale = arch.logit_scale(lm.config.get_text_config())
         self.cached = self.length = cached  # slots filled by the prefill; slots written so far
         self.keys, self.values = [], []
         for layer in cache.layers:

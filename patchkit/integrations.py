@@ -82,11 +82,19 @@ _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logi
 
 
 def _serves_fused_head(model, temperature, cast_lm_head_to_fp32, outputs) -> bool:
-    """Whether patchkit's causal-LM forward computes what TRL's head would for this model and these options."""
+    """Whether patchkit's causal-LM forward computes what TRL's head would for this model and these options: a
+    logit multiplier in the config counts only where the family's architecture applies it (`logit_scale`)."""
+    from . import UnknownArchitectureError, _resolve
+
     text = model.config.get_text_config()
     head = model.get_output_embeddings()
+    try:
+        arch = _resolve(model)[0]
+    except (UnknownArchitectureError, TypeError):
+        return False
+    scaled = any(getattr(text, k, None) not in (None, 1, 1.0) for k in _LOGIT_SCALES)
     return (temperature == 1.0 and not cast_lm_head_to_fp32 and set(outputs) <= {"log_probs", "entropy", "is_top1"}
-            and all(getattr(text, k, None) is None for k in _LOGIT_SCALES)
+            and not (scaled and arch().logit_scale(text) is None)
             and not getattr(text, "output_router_logits", False)
             and type(head) is nn.Linear and head.bias is None)
 

@@ -14,8 +14,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import patchkit
 from patchkit.parity import tiny_batch, tiny_model
 from patchkit.plugins import manager
+from .families import NAMES, spread
 
-FAMILIES = ["llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"]
+FAMILIES = NAMES
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -99,10 +100,12 @@ def test_explain_counts_no_graph_break():
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", spread(FAMILIES))
 def test_no_recompile_when_ignored_tokens_change(name):
     model = _model(name)
     patchkit.patch(name)
+    with torch.no_grad():  # LongRoPE (Phi-3) sets its cached tables on the first call: transformers' own recompile
+        model(**_batch(model))
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     for step in range(10):
@@ -188,7 +191,7 @@ def _prompts(name):
     return model, ids, mask, expected
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", spread(FAMILIES))
 def test_compiled_static_cache_generate_gives_transformers_tokens(name):
     model, ids, mask, expected = _prompts(name)
     from torch._dynamo.utils import counters

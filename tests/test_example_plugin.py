@@ -1,4 +1,4 @@
-"""examples/plugin-olmo2 is a separate package: install it, and patchkit finds, patches and verifies OLMo 2."""
+"""examples/plugin-helium is a separate package: install it, and patchkit finds, patches and verifies Helium."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plugin-olmo2"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plugin-helium"
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +26,23 @@ def _patchkit(env, *args):
 def test_plugin_is_listed_with_its_distribution(installed):
     proc = _patchkit(installed, "plugins")
     assert proc.returncode == 0, proc.stderr
-    assert "olmo2  patchkit-olmo2 0.1.0  hooks: patchkit_architectures" in proc.stdout
+    assert "helium  patchkit-helium 0.1.0  hooks: patchkit_architectures" in proc.stdout
     listing = _patchkit(installed, "list").stdout
-    assert "olmo2 (from llama): model types olmo2" in listing and "changes norm_cast='gemma'" in listing
+    assert "helium (from llama): model types helium" in listing and "changes norm_cast='gemma'" in listing
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_plugin_passes_verify(installed, dtype):
-    proc = _patchkit(installed, "verify", "olmo2", "--dtype", dtype)
+    proc = _patchkit(installed, "verify", "helium", "--dtype", dtype)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"olmo2 ({dtype}, backend=auto): OK" in proc.stdout
+    assert f"helium ({dtype}, backend=auto): OK" in proc.stdout
 
 
 def test_plugin_with_a_wrong_difference_fails_verify(installed):
-    """A plugin that states a difference OLMo 2 does not have ((1 + w) norms) fails verify: the check has teeth."""
-    code = ("import patchkit_olmo2, sys\n"
+    """A plugin that states a difference Helium does not have ((1 + w) norms) fails verify: the check has teeth."""
+    code = ("import patchkit_helium, sys\n"
             "from patchkit.cli import main\n"
-            "patchkit_olmo2.Olmo2.norm_offset = 1.0\n"
-            "sys.exit(main(['verify', 'olmo2']))\n")
+            "patchkit_helium.Helium.norm_offset = 1.0\n"
+            "sys.exit(main(['verify', 'helium']))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=installed, timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr

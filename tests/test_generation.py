@@ -10,8 +10,9 @@ import patchkit
 from patchkit import architectures as A
 from patchkit import generation, inference
 from patchkit.parity import tiny_model
+from .families import BUILTIN
 
-FAMILIES = [A.Llama, A.Mistral, A.Gemma, A.Gemma2, A.Gemma3Text, A.Qwen2, A.Qwen3]
+FAMILIES = BUILTIN
 NEW = 24  # longer than the tiny sliding windows (8): tokens past the window are decoded
 
 
@@ -286,3 +287,17 @@ def test_unsupported_attention_and_architectures_are_clear_errors():
         patchkit.generate(gpt2, torch.ones(1, 4, dtype=torch.long), 2)
     patchkit.for_inference(gpt2)  # model.generate of an unknown family: transformers' own loop
     assert gpt2.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2, do_sample=False).shape == (1, 6)
+
+
+def test_longrope_past_its_original_length_runs_transformers_loop(steps, caplog):
+    """Phi-3's LongRoPE changes factors past `original_max_position_embeddings` and transformers recomputes the
+    cache there: the decode loop hands such a call back (logged), and serves one that stays below."""
+    model = tiny_model(A.Phi3, original_max_position_embeddings=16).eval()
+    ids, mask = prompts(model.config.vocab_size)
+    generation._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="patchkit"):
+        reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0)
+    assert not steps and torch.equal(reference, ours)
+    assert any("LongRoPE" in r.getMessage() for r in caplog.records)
+    reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+    assert steps and torch.equal(reference, ours)

@@ -10,8 +10,9 @@ import patchkit
 from patchkit import architectures as A
 from patchkit import inference
 from patchkit.parity import DECODE_LAYOUTS, _inference_decode, _reference_decode, decode_masks, tiny_model
+from .families import BUILTIN
 
-FAMILIES = [A.Llama, A.Mistral, A.Gemma, A.Gemma2, A.Gemma3Text, A.Qwen2, A.Qwen3]
+FAMILIES = BUILTIN
 
 
 def _prompts(vocab, batch=3, length=12, seed=0):

@@ -117,12 +117,42 @@ def test_rms_norm_mixed_weight_dtype(K):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv,seq,dim", [(4, 2, 7, 16), (3, 1, 13, 10), (1, 1, 1, 2)])
-def test_rope(K, dtype, heads, kv, seq, dim):
+@pytest.mark.parametrize("rotary", [1.0, 0.75, 0.5], ids=["full", "partial-0.75", "partial-0.5"])
+def test_rope(K, dtype, heads, kv, seq, dim, rotary):
+    width = 2 * max(1, int(dim * rotary) // 2)  # the rotary tables' width: Phi-4-mini rotates 0.75 of a head
     q = torch.randn(2, seq, heads, dim).to(dtype).transpose(1, 2)  # non-contiguous, as attention passes it
     k = torch.randn(2, seq, kv, dim).to(dtype).transpose(1, 2)
-    angle = torch.randn(2, seq, dim // 2).repeat(1, 1, 2)
+    angle = torch.randn(2, seq, width // 2).repeat(1, 1, 2)
     cos, sin = angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
     _compare(K.apply_rope, reference.apply_rope, [q, k, cos, sin], dtype, differentiable=2)  # cos/sin: no_grad buffers
+
+
+def test_rope_float32_tables_on_bf16_compute_in_float32(K):
+    """OLMo 2's rotary tables stay float32: transformers then rotates in float32 and casts once at the end."""
+    q, k = torch.randn(2, 3, 5, 16).to(torch.bfloat16), torch.randn(2, 1, 5, 16).to(torch.bfloat16)
+    angle = torch.randn(2, 5, 8).repeat(1, 1, 2)[:, None]
+    got = K.apply_rope(q, k, angle.cos(), angle.sin())
+    want = [t.to(torch.bfloat16) for t in reference.apply_rope(q, k, angle.cos(), angle.sin())]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("rotary", [16, 12])
+def test_rope_into_partial_and_into_a_slot(rotary):
+    x = torch.randn(3, 4, 16)
+    angle = torch.randn(3, 1, rotary // 2).repeat(1, 1, 2)
+    cos, sin = angle.cos(), angle.sin()
+    want = reference.apply_rope(x, x, cos, sin)[0]
+    torch.testing.assert_close(kernels.rope_into(x, cos, kernels.signed_sin(sin)), want)
+    slot = torch.empty(3, 4, 16)
+    kernels.rope_into(x, cos, kernels.signed_sin(sin), out=slot)
+    torch.testing.assert_close(slot, want)
+
+
+def test_rope_rejects_tables_wider_than_the_head(K):
+    q = torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="rotary dim"):
+        K.apply_rope(q, q, torch.ones(1, 1, 2, 10), torch.ones(1, 1, 2, 10))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

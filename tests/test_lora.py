@@ -10,10 +10,10 @@ from peft import LoraConfig, get_peft_model
 import patchkit
 from patchkit import kernels as K
 from patchkit.parity import tiny_batch, tiny_model
-from patchkit.plugins import BUILTINS, manager
+from .families import BUILTIN
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ARCHS = [a for a in manager().architectures.values() if a.__module__.startswith(BUILTINS[0])]
+ARCHS = BUILTIN
 
 
 def _projection(n_in, n_out, *, lora=True, bias=False, trainable=False, dtype=torch.float32):
@@ -144,10 +144,11 @@ def _compare(model, arch, monkeypatch, **patch_kw):
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
 def test_peft_lora_gradients_match_and_run_fused(arch, monkeypatch):
-    model = _peft(arch)
+    model = _peft(arch, targets="all-linear")  # fused projections too: Phi-3's qkv_proj, gate_up_proj
     calls = _compare(model, arch, monkeypatch)
     layers = model.config.num_hidden_layers
-    assert calls == {"lora_linear": 4 * layers, "lora_mlp": layers}
+    attention = sum(hasattr(m, "lora_A") for m in model.base_model.model.model.layers[0].self_attn.modules())
+    assert calls == {"lora_linear": attention * layers, "lora_mlp": layers}
 
 
 @pytest.mark.parametrize("case", ["dropout", "lora_bias", "dora", "two_adapters", "attention_only", "lora_op_off"])

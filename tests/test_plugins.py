@@ -11,6 +11,8 @@ import patchkit
 from patchkit import plugins
 from patchkit.architectures import Llama
 
+from .families import NAMES
+
 
 def _dist(root, name, modules, entry_points):
     """A fake installed distribution on `root`: modules plus a dist-info with `patchkit` entry points."""
@@ -69,7 +71,7 @@ def test_entry_points_load_and_a_broken_one_is_reported(site):
     """)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    builtin = ["llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"]
+    builtin = NAMES
     assert lines[0] == str(sorted([*builtin, "tinyllama"]))
     assert "ERR broken pk-broken ImportError: boom: missing dependency" in lines
     assert any(line.startswith("ERR clash pk-clash ValueError: architecture 'llama' is already registered")

@@ -28,7 +28,7 @@ def _windows(path, size=6):
 
 
 def test_no_two_architecture_modules_share_six_lines_of_the_same_shape():
-    files = sorted((ROOT / "architectures").glob("*.py")) + [ROOT / "examples" / "plugin-olmo2" / "patchkit_olmo2.py"]
+    files = sorted((ROOT / "architectures").glob("*.py")) + [ROOT / "examples" / "plugin-helium" / "patchkit_helium.py"]
     for a, b in combinations(files, 2):
         shared = _windows(a) & _windows(b)
         assert not shared, f"{a.name} and {b.name} share a block: {next(iter(shared))}"

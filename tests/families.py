@@ -1,0 +1,18 @@
+"""The built-in families, in registration order: what every per-family test runs over."""
+
+from patchkit.plugins import BUILTINS, manager
+
+BUILTIN = [a for a in manager().architectures.values() if a.__module__.startswith(BUILTINS[0])]
+NAMES = [a.name for a in BUILTIN]
+# one family per distinct code path, for tests too slow to run on every family by default (compilation):
+# Llama, the base; Gemma 2: soft-caps, eager, post-block norms; Phi-3: fused projections, partial rotary;
+# Granite: multipliers; OLMo 2: float32 rotary tables, post-norms; Cohere 2: a LayerNorm, interleaved RoPE,
+# parallel blocks. `--slow` runs those tests on every family.
+SPREAD = ["llama", "gemma2", "phi3", "granite", "olmo2", "cohere2"]
+
+
+def spread(names):
+    """pytest params: SPREAD's families by default, the others marked slow."""
+    import pytest
+
+    return [name if name in SPREAD else pytest.param(name, marks=pytest.mark.slow) for name in names]
