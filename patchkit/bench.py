@@ -63,6 +63,9 @@ def model_for(arch: str, dims: dict):
     family = _resolve(arch)[0]
     config = family.config_type()(**{"head_dim": dims["hidden_size"] // dims["num_attention_heads"],
                                      "tie_word_embeddings": False, **dims})
+    for token in ("pad_token_id", "bos_token_id", "eos_token_id"):  # defaults of a larger vocabulary (GLM-4)
+        if isinstance(getattr(config, token, None), int) and getattr(config, token) >= config.vocab_size:
+            setattr(config, token, None)
     model_class = family.model_class()
     config._attn_implementation = "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
     torch.manual_seed(0)

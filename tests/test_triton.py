@@ -25,9 +25,10 @@ def test_tests_run_the_interpreter():
     assert kernels._triton.INTERPRETED, "conftest must set TRITON_INTERPRET=1 before patchkit is imported"
 
 
-# the kernels are the same for every family: the families whose kernel inputs differ (the base; partial rotary and
-# a chunked gate_up; float32 rotary tables) run end to end under the interpreter, every family runs under torch
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in ("llama", "phi3", "olmo2")], ids=lambda a: a.name)
+# the kernels are the same for every family: the base and the family whose kernel inputs differ most (partial
+# rotary, a chunked gate_up) run end to end under the interpreter (float32 rotary tables: test_kernels); every
+# family runs end to end under torch
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in ("llama", "phi3")], ids=lambda a: a.name)
 def test_model_runs_end_to_end_on_triton_and_matches(arch):
     model = tiny_model(arch)
     result = compare(arch("triton"), model, tiny_batch(model.config.vocab_size))

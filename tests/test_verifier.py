@@ -173,3 +173,13 @@ def test_multimodal_wrappers_resolve_to_their_text_family(wrapper, text, family)
 
     config = getattr(transformers, wrapper)(text_config={"model_type": text})
     assert patchkit._resolve(config)[0].name == family
+
+
+def test_trls_head_is_answered_only_where_the_family_applies_the_logit_scale():
+    from patchkit.integrations import _serves_fused_head
+
+    granite = tiny_model(Granite)
+    assert _serves_fused_head(granite, 1.0, False, ("log_probs",))
+    scaled_llama = tiny_model(Llama, logits_scaling=2.0)  # a multiplier Llama's forward does not apply: TRL's own
+    assert not _serves_fused_head(scaled_llama, 1.0, False, ("log_probs",))
+    assert _serves_fused_head(tiny_model(Llama), 1.0, False, ("log_probs", "entropy"))
