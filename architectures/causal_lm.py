@@ -73,15 +73,15 @@ def fused_forward(arch, original):
         hidden = outputs.last_hidden_state
         config = self.config.get_text_config()
         scale = arch.logit_scale(config)
-        if scale is not None:
-            hidden = hidden * scale
         softcap = getattr(config, "final_logit_softcapping", None)
         added, fields = arch.extra_loss(self, outputs, {**inputs, **extra, "labels": labels})
         if fused_lm_head:
-            return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added)
+            return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale)
         from transformers.modeling_utils import slice_logits_to_keep
 
         hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
+        if scale is not None:  # on the kept rows only
+            hidden = hidden * scale
         loss = K.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, backend=arch.backend,
                                             **loss_kwargs)
         if added is not None:
@@ -94,8 +94,9 @@ def fused_forward(arch, original):
     return forward
 
 
-def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None):
-    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul."""
+def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=None):
+    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul (and
+    the logit scale, applied to the counted rows' hidden states)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     from patchkit.kernels.log_probs import linear_log_probs
@@ -109,6 +110,8 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None):
     mask = targets != -100
     rows = mask.flatten().nonzero().squeeze(1)
     flat = hidden.to(weight.device).reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    if scale is not None:
+        flat = flat * scale
     device = weight.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype  # as TRL does
     with torch.autocast(device, enabled=False):

@@ -15,7 +15,7 @@
 
 from typing import ClassVar
 
-from .llama import Llama, layer_type_rope
+from .llama import LAYER_TYPE_TINY_ROPE, Llama, layer_type_rope
 
 
 class Gemma(Llama):
@@ -48,8 +48,6 @@ class Gemma3Text(Gemma2):
     tiny_config: ClassVar[dict] = {"layer_types": ["sliding_attention", "full_attention"],
                                    "attn_logit_softcapping": None,  # Gemma 3 attends with sdpa: no attention cap
                                    "query_pre_attn_scalar": 24,
-                                   "rope_parameters": {"full_attention": {**Llama.tiny_config["rope_parameters"]},
-                                                       "sliding_attention": {"rope_type": "default",
-                                                                             "rope_theta": 500.0}}}
+                                   "rope_parameters": LAYER_TYPE_TINY_ROPE}
 
     decode_rope = layer_type_rope  # main diff with Gemma 2: one rotary table per layer type

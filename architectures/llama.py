@@ -221,6 +221,12 @@ class Llama(Architecture):
         return project(attn.o_proj, out.reshape(batch, -1))
 
 
+# a tiny config's rotary settings per layer type (Gemma 3, OLMo 3): llama3 scaling on full attention, another theta
+# on sliding attention, so a table of the wrong type shows
+LAYER_TYPE_TINY_ROPE = {"full_attention": Llama.tiny_config["rope_parameters"],
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}
+
+
 def layer_type_rope(self, backbone, h, position):
     """`decode_rope` of a family with one rotary table per layer type (`rotary_emb(x, position, layer_type)`:
     Gemma 3, OLMo 3): each type's table computed once per step."""

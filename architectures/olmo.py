@@ -9,7 +9,7 @@
 
 from typing import ClassVar
 
-from .llama import Llama, layer_type_rope
+from .llama import LAYER_TYPE_TINY_ROPE, Llama, layer_type_rope
 
 
 class Olmo2(Llama):
@@ -29,7 +29,5 @@ class Olmo2(Llama):
 class Olmo3(Olmo2):
     name = "olmo3"
     tiny_config: ClassVar[dict] = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
-                                   "rope_parameters": {"full_attention": {**Llama.tiny_config["rope_parameters"]},
-                                                       "sliding_attention": {"rope_type": "default",
-                                                                             "rope_theta": 500.0}}}
+                                   "rope_parameters": LAYER_TYPE_TINY_ROPE}
     decode_rope = layer_type_rope  # main diff with OLMo 2: one rotary table per layer type

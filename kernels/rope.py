@@ -70,7 +70,7 @@ def rope_into(x, cos, signed, out=None):
     if out is None:
         return torch.cat((part * cos + part.roll(rotary // 2, -1) * signed, rest), -1)
     out[..., rotary:].copy_(rest)
-    out[..., :rotary].copy_(part * cos).add_(part.roll(rotary // 2, -1).mul_(signed))
+    torch.mul(part, cos, out=out[..., :rotary]).add_(part.roll(rotary // 2, -1).mul_(signed))
     return out
 
 
