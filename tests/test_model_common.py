@@ -1,9 +1,9 @@
-"""What transformers' common model tests ask of a model, asked of every family patched as unpatched.
+"""Checks transformers' common model tests make, restated as patched-against-unpatched comparisons.
 
-transformers' own `ModelTesterMixin` is not in its wheel (and not ours to copy); these are its checks that a
-patch can break, run with the same tiny random models: training with and without gradient checkpointing,
-tuple and dict outputs, hidden states and attentions captured while the fused loss runs, resized embeddings,
-save and load while patched, and exact unpatching.
+transformers' own `ModelTesterMixin` runs in tests/test_transformers_suite.py, checking each patched model on its
+own; these compare the patched numbers with the unpatched ones with the same tiny random models: training with
+and without gradient checkpointing, tuple and dict outputs, hidden states and attentions captured while the
+fused loss runs, resized embeddings, save and load while patched, and exact unpatching.
 """
 
 import pytest
