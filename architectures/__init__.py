@@ -16,6 +16,7 @@ from .glm import Glm4
 from .granite import Granite
 from .llama import Llama
 from .mistral import Ministral, Mistral
+from .moe import GraniteMoe, Mixtral, Olmoe, Qwen3Moe
 from .olmo import Olmo2, Olmo3
 from .phi3 import Phi3
 from .qwen import Qwen2, Qwen3
@@ -25,7 +26,7 @@ from .smollm3 import SmolLM3
 @hookimpl
 def patchkit_architectures():
     return [Llama, Mistral, Gemma, Gemma2, Gemma3Text, Qwen2, Qwen3, Phi3, Granite, Olmo2, Olmo3, SmolLM3, Glm4,
-            Cohere2, Exaone4, Ministral]
+            Cohere2, Exaone4, Ministral, Qwen3Moe, Mixtral, Olmoe, GraniteMoe]
 
 
 class _CallableModule(types.ModuleType):
@@ -38,5 +39,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "Granite", "Llama", "Ministral", "Mistral",
+__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "Granite", "Llama", "Ministral", "Mistral", "Mixtral", "GraniteMoe", "Olmoe", "Qwen3Moe",
            "Olmo2", "Olmo3", "Phi3", "Qwen2", "Qwen3", "SmolLM3"]

@@ -76,7 +76,7 @@ def fused_forward(arch, original):
         softcap = getattr(config, "final_logit_softcapping", None)
         added, fields = arch.extra_loss(self, outputs, {**inputs, **extra, "labels": labels})
         if fused_lm_head:
-            return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale)
+            return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale, fields.get("aux_loss"))
         from transformers.modeling_utils import slice_logits_to_keep
 
         hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
@@ -94,9 +94,10 @@ def fused_forward(arch, original):
     return forward
 
 
-def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=None):
+def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=None, aux_loss=None):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul (and
-    the logit scale, applied to the counted rows' hidden states)."""
+    the logit scale, applied to the counted rows' hidden states). `added` joins the loss (a router's weighted
+    auxiliary loss), `aux_loss` is that loss unweighted, as TRL reports it."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     from patchkit.kernels.log_probs import linear_log_probs
@@ -122,4 +123,4 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
     return FusedCausalLMOutput(loss=loss if added is None else loss + added, log_probs=log_probs, entropy=entropy,
                                log_sum_sq_probs=None, mean_logits=None, is_top1=top1, label_mask=mask,
-                               aux_loss=added)
+                               aux_loss=aux_loss)

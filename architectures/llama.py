@@ -50,6 +50,7 @@ class Llama(Architecture):
     norm_cast: ClassVar[str] = "llama"  # see kernels.rms_norm
     norm_eps: ClassVar[str] = "variance_epsilon"  # attribute of the norm module holding eps
     shared_ops: ClassVar[tuple[str, ...]] = ("lora",)  # PEFT's LoRA layer: patchkit.integrations
+    ffn: ClassVar[str] = "mlp"  # the decoder layer's feed-forward module (Granite MoE: `block_sparse_moe`)
 
     def norm(self, module, x):
         """`module`'s RMSNorm of `x` (its weight and eps; this family's offset and cast), fused."""
@@ -165,7 +166,8 @@ class Llama(Architecture):
         """One decoder layer on one token per row, (batch, hidden) -> (batch, hidden)."""
         h = self.residual(layer, h, self.decode_attention(layer.self_attn, self.norm(layer.input_layernorm, h),
                                                           rope, state, i))
-        return self.residual(layer, h, self.feed_forward(layer.mlp, self.norm(layer.post_attention_layernorm, h)))
+        ffn = layer._modules[self.ffn]
+        return self.residual(layer, h, self.feed_forward(ffn, self.norm(layer.post_attention_layernorm, h)))
 
     def residual(self, layer, h, out):
         """The residual stream `h` plus a block's `out` (Granite scales `out` by its residual multiplier)."""

@@ -23,7 +23,7 @@ class Olmo2(Llama):
 
     def decode_layer(self, layer, h, rope, state, i):  # post-norm: the outputs are normed, not the inputs
         h = h + self.norm(layer.post_attention_layernorm, self.decode_attention(layer.self_attn, h, rope, state, i))
-        return h + self.norm(layer.post_feedforward_layernorm, self.feed_forward(layer.mlp, h))
+        return h + self.norm(layer.post_feedforward_layernorm, self.feed_forward(layer._modules[self.ffn], h))
 
 
 class Olmo3(Olmo2):

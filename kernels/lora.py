@@ -103,7 +103,7 @@ class _LoRALinear(torch.autograd.Function):
         y, xa = _forward(x2, p)
         ctx.save_for_backward(x2, weight, bias, lora_a, lora_b, xa)
         ctx.scaling, ctx.shape = scaling, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # flat: the caller's reshape makes the view, so the result may be modified in place (OLMoE's clip)
 
     @staticmethod
     def backward(ctx, dy):
@@ -124,7 +124,7 @@ class _LoRAMLP(torch.autograd.Function):
         out, xa_down = _forward(act(gate).mul_(up), down_p)
         ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, xa_down, *params)
         ctx.activation, ctx.scalings, ctx.shape = activation, scalings, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # flat, as `_LoRALinear`
 
     @staticmethod
     def backward(ctx, dout):
@@ -146,11 +146,13 @@ class _LoRAMLP(torch.autograd.Function):
 
 
 def lora_linear_torch(x, proj):
-    return _LoRALinear.apply(x, *_flat(proj), proj.scaling)
+    y = _LoRALinear.apply(x, *_flat(proj), proj.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_mlp_torch(x, gate, up, down, *, activation="swiglu"):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    return _LoRAMLP.apply(x, activation, (gate.scaling, up.scaling, down.scaling), *_flat(gate), *_flat(up),
-                          *_flat(down))
+    out = _LoRAMLP.apply(x, activation, (gate.scaling, up.scaling, down.scaling), *_flat(gate), *_flat(up),
+                         *_flat(down))
+    return out.view(*x.shape[:-1], out.shape[-1])

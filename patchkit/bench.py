@@ -25,6 +25,9 @@ import patchkit
 
 TRAIN = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=128256, max_position_embeddings=2048)
+# mixture-of-experts families at that shape: 8 experts, 2 per token, each half the dense MLP's width (Mixtral's
+# experts are `intermediate_size` wide), every layer sparse
+MOE = dict(num_experts=8, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=704)
 
 
 def _status(field: str) -> int:
@@ -61,8 +64,9 @@ def model_for(arch: str, dims: dict):
     from patchkit import _resolve
 
     family = _resolve(arch)[0]
+    sparse = any(hasattr(family.config_type()(), key) for key in ("num_experts", "num_local_experts"))
     config = family.config_type()(**{"head_dim": dims["hidden_size"] // dims["num_attention_heads"],
-                                     "tie_word_embeddings": False, **dims})
+                                     "tie_word_embeddings": False, **(MOE if sparse else {}), **dims})
     for token in ("pad_token_id", "bos_token_id", "eos_token_id"):  # defaults of a larger vocabulary (GLM-4)
         if isinstance(getattr(config, token, None), int) and getattr(config, token) >= config.vocab_size:
             setattr(config, token, None)

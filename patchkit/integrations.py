@@ -95,7 +95,6 @@ def _serves_fused_head(model, temperature, cast_lm_head_to_fp32, outputs) -> boo
     scaled = any(getattr(text, k, None) not in (None, 1, 1.0) for k in _LOGIT_SCALES)
     return (temperature == 1.0 and not cast_lm_head_to_fp32 and set(outputs) <= {"log_probs", "entropy", "is_top1"}
             and not (scaled and arch().logit_scale(text) is None)
-            and not getattr(text, "output_router_logits", False)
             and type(head) is nn.Linear and head.bias is None)
 
 

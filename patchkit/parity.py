@@ -29,7 +29,7 @@ TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=88, num_hidden_lay
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
 FP32_TOL = {"logits": 1e-5, "decode": 1e-5, "loss": 1e-4, "grad": 1e-4, "trl": 1e-4, "module": 1e-5}
 # the kernels that serve each built-in op (the report counts their calls); ops not listed are not checked
-OP_KERNELS = {"rms_norm": ("rms_norm",), "rope": ("apply_rope",), "mlp": ("swiglu", "geglu", "lora_mlp"),
+OP_KERNELS = {"rms_norm": ("rms_norm",), "rope": ("apply_rope",), "mlp": ("swiglu", "geglu", "lora_mlp"), "experts": ("swiglu", "geglu"),
               "cross_entropy": ("fused_linear_cross_entropy", "linear_log_probs")}
 MODULE_OPS = ("rms_norm", "rope", "mlp")  # ops whose replaced forwards get a `module` row
 DECODE_STEPS = 6  # the batch's last tokens, fed one at a time to the inference path
@@ -168,11 +168,15 @@ def _patched_head(model, batch):
 def _run(model, batch, decode=_reference_decode, head=_reference_head) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model.train()
-    loss = model(**batch).loss
+    # a mixture of experts: its router's auxiliary loss joins the training loss (transformers' generate cannot have
+    # it on in the config)
+    router = {"output_router_logits": True} if hasattr(model.config.get_text_config(), "output_router_logits") else {}
+    loss = model(**batch, **router).loss
     loss.backward()
     out = {"loss": loss.detach().float()}
     with torch.no_grad():  # a batch with nothing to learn: transformers' loss is NaN, and so must patchkit's be
-        out["loss all-ignored"] = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}).loss.float()
+        ignored = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+        out["loss all-ignored"] = model(**ignored, **router).loss.float()
     model.eval()
     ids = batch["input_ids"]
     with torch.no_grad():

@@ -23,9 +23,19 @@ def pytest_configure(config):
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 
+def _slow_family(item) -> bool:
+    from .families import SLOW_FAMILIES
+
+    params = getattr(item, "callspec", None)
+    return item.path.name != "test_moe.py" and params is not None and any(
+        (v if isinstance(v, str) else getattr(v, "name", None)) in SLOW_FAMILIES for v in params.params.values())
+
+
 def pytest_collection_modifyitems(config, items):
     cuda = torch.cuda.is_available()
     for item in items:
+        if _slow_family(item):
+            item.add_marker(pytest.mark.slow)
         if "cuda" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "slow" in item.keywords and not config.getoption("--slow"):

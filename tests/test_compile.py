@@ -32,7 +32,11 @@ def _model(name, lora=False, seed=0):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+        # PEFT turns MLP targets of an MoE model into LoRA on its experts' 3-D weights, a parametrization dynamo
+        # cannot trace (`set_` on a graph input) patched or not: attention projections only there
+        sparse = any(type(m).__name__.endswith("Experts") for m in model.modules())
+        targets = PROJECTIONS[:4] if sparse else PROJECTIONS
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
         with torch.no_grad():  # B starts at zero; make the adapters count
             for n, p in model.named_parameters():
                 if "lora_B" in n:

@@ -26,7 +26,7 @@ import torch
 
 import patchkit
 from patchkit import toy
-from patchkit.architectures import Gemma, Llama, Qwen3
+from patchkit.architectures import Gemma, Llama, Qwen3, Qwen3Moe
 from patchkit.parity import tiny_model
 
 for _package in ("trl", "peft", "datasets"):
@@ -50,6 +50,9 @@ class Case:
     optim: str = "sgd"  # or SFTConfig's default, "adamw_torch_fused" (see the module docstring)
     args: dict[str, Any] = field(default_factory=dict)  # on top of ARGS, into SFTConfig / TrainingArguments
     check: Callable[[Any], bool] = lambda trainer: True  # the feature under test is really on in this trainer
+    # PEFT turns `gate_proj`/`up_proj`/`down_proj` targets of an MoE model into LoRA on its experts' 3-D weights
+    # (`target_parameters`), so the dense MLPs there carry no adapters
+    dense_lora: bool = True
 
 
 def _several_docs_per_row(trainer):  # bfd packing: padding-free rows holding several documents
@@ -74,6 +77,8 @@ CASES = [
          args=dict(completion_only_loss=True, gradient_checkpointing=True),
          check=lambda t: t.completion_only_loss and _labels_masked(t)),
     Case("sft-qwen3-packing-lora_config", arch=Qwen3, lora="peft_config", args=PACKED, check=_several_docs_per_row),
+    Case("sft-qwen3_moe-packing-lora_config", arch=Qwen3Moe, lora="peft_config", args=PACKED, dense_lora=False,
+         check=lambda t: _several_docs_per_row(t) and t.aux_loss_enabled),
     Case("sft-gemma-packing-lora_config-grad_accum", arch=Gemma, lora="peft_config", args=PACKED | GRAD_ACCUM,
          check=_several_docs_per_row),
     Case("hf_trainer-padded-grad_accum-full", trainer="hf", args=GRAD_ACCUM),
@@ -198,9 +203,11 @@ def test_patched_training_matches_unpatched(case, tmp_path):
     assert not ref["kernel_calls"] and calls.get("rms_norm", 0) > 0, calls
     head = "linear_log_probs" if case.trainer == "sft" else "fused_linear_cross_entropy"
     assert calls.get(head) == micro_steps, calls
-    if case.lora:
+    if case.lora and case.dense_lora:
         assert calls.get("lora_linear", 0) > 0 and calls.get("lora_mlp", 0) > 0, calls
         assert len(got["params"]) == 2 * len(LORA_TARGETS) * got["layers"]
+    elif case.lora:
+        assert calls.get("lora_linear", 0) > 0 and any(".experts." in n for n in got["params"]), calls
         assert all(".lora_A." in n or ".lora_B." in n for n in got["params"])
     checkpointed = micro_steps * got["layers"] if case.args.get("gradient_checkpointing") else 0
     assert (ref["checkpoint_calls"], got["checkpoint_calls"]) == (checkpointed, checkpointed), \

@@ -129,6 +129,7 @@ class Qwen3Moe(Qwen3):
     """A plugin for the MoE family through the output seams only (its sparse block is transformers')."""
 
     name = "qwen3_moe"
+    overrides = True  # over the built-in family, for this test
     mlp = None
     tiny_config: ClassVar[dict] = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                                    "output_router_logits": True, "router_aux_loss_coef": 0.3}

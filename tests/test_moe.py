@@ -1,0 +1,123 @@
+"""Mixture-of-experts families: the experts' gate fused through transformers' experts seam, the router's auxiliary
+loss and logits kept, decode through the sparse block."""
+
+import contextlib
+
+import pytest
+import torch
+
+import patchkit
+from patchkit.generation import generate
+from patchkit.parity import tiny_batch, tiny_model
+from patchkit.plugins import manager
+
+MOE = ["qwen3_moe", "mixtral", "olmoe", "granitemoe"]
+IMPLEMENTATIONS = ["grouped_mm", "batched_mm", "eager"]
+
+
+def _experts_class(model):
+    return type(next(m for m in model.modules() if type(m).__name__.endswith("Experts")))
+
+
+@contextlib.contextmanager
+def _patched_counting_gates(name, model):
+    """`patchkit.patched(name)`, recording each call of the experts' patched gate."""
+    experts, gates = _experts_class(model), []
+    with patchkit.patched(name):
+        patched_gate = experts._apply_gate
+        assert getattr(patched_gate, "__patchkit__", None) == (name, "experts")
+        experts._apply_gate = lambda self, x: gates.append(1) or patched_gate(self, x)
+        try:
+            yield gates
+        finally:
+            experts._apply_gate = patched_gate
+
+
+def _step(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", MOE)
+def test_loss_aux_loss_router_logits_and_gradients_match(name, implementation):
+    model = tiny_model(manager().architectures[name]).train()
+    model.set_experts_implementation(implementation)
+    batch = tiny_batch(model.config.vocab_size)
+    batch["labels"][0, :4] = -100
+    ref, ref_grads = _step(model, batch, output_router_logits=True)
+    with _patched_counting_gates(name, model) as gates:
+        out, grads = _step(model, batch, output_router_logits=True)
+    assert type(out) is type(ref) and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    assert ref.aux_loss is not None and torch.equal(out.aux_loss, ref.aux_loss)
+    assert len(out.router_logits) == len(ref.router_logits)
+    for got, want in zip(out.router_logits, ref.router_logits):
+        assert torch.equal(got, want)
+    for n, g in ref_grads.items():  # the router's weight among them
+        assert (grads[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+    # grouped_mm and batched_mm call the patched gate once per sparse layer; eager computes it inline
+    sparse = sum(type(m).__name__.endswith("Experts") for m in model.modules())
+    assert len(gates) == (0 if implementation == "eager" else sparse)
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("config,argument", [(False, None), (True, None), (False, True), (True, False)])
+def test_output_router_logits_from_the_config_or_the_call(name, config, argument):
+    model = tiny_model(manager().architectures[name], output_router_logits=config).train()
+    batch = tiny_batch(model.config.vocab_size)
+    kwargs = {} if argument is None else {"output_router_logits": argument}
+    ref = model(**batch, **kwargs)
+    with patchkit.patched(name):
+        out = model(**batch, **kwargs)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    wanted = config if argument is None else argument
+    assert (out.aux_loss is None) == (ref.aux_loss is None) == (not wanted)
+
+
+def test_auxiliary_loss_coefficient_counts():
+    """The tiny config's coefficient is far from the default: a dropped aux term would show in the loss."""
+    arch = manager().architectures["qwen3_moe"]
+    batch = tiny_batch(211)
+    losses = []
+    for coef in (0.0, 0.37):
+        model = tiny_model(arch, router_aux_loss_coef=coef).train()
+        with patchkit.patched("qwen3_moe"):
+            losses.append(model(**batch, output_router_logits=True).loss)
+    assert (losses[1] - losses[0]).abs() > 1e-3
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_decode_through_the_sparse_block_gives_transformers_tokens(name):
+    model = tiny_model(manager().architectures[name]).eval()
+    ids = tiny_batch(model.config.vocab_size, batch=2, seq=7)["input_ids"]
+    expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with patchkit.patched(name):
+        got = generate(model, ids, 6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "granitemoe"])
+def test_peft_lora_on_experts_and_projections(name):
+    """PEFT's LoRA on the experts' 3-D weights (`target_parameters`) and on attention projections: the patched
+    gate still serves the wrapped experts, and every adapter gradient is the unpatched one."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(manager().architectures[name]).train()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    batch = tiny_batch(model.config.vocab_size)
+    ref, ref_grads = _step(model, batch, output_router_logits=True)
+    with _patched_counting_gates(name, model) as gates:
+        out, grads = _step(model, batch, output_router_logits=True)
+    assert gates and any("experts" in n for n in ref_grads)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    for n, g in ref_grads.items():
+        assert (grads[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
