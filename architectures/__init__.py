@@ -39,5 +39,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "Granite", "Llama", "Ministral", "Mistral", "Mixtral", "GraniteMoe", "Olmoe", "Qwen3Moe",
-           "Olmo2", "Olmo3", "Phi3", "Qwen2", "Qwen3", "SmolLM3"]
+__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "Granite", "GraniteMoe", "Llama", "Ministral",
+           "Mistral", "Mixtral", "Olmo2", "Olmo3", "Olmoe", "Phi3", "Qwen2", "Qwen3", "Qwen3Moe", "SmolLM3"]

@@ -29,8 +29,8 @@ TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=88, num_hidden_lay
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
 FP32_TOL = {"logits": 1e-5, "decode": 1e-5, "loss": 1e-4, "grad": 1e-4, "trl": 1e-4, "module": 1e-5}
 # the kernels that serve each built-in op (the report counts their calls); ops not listed are not checked
-OP_KERNELS = {"rms_norm": ("rms_norm",), "rope": ("apply_rope",), "mlp": ("swiglu", "geglu", "lora_mlp"), "experts": ("swiglu", "geglu"),
-              "cross_entropy": ("fused_linear_cross_entropy", "linear_log_probs")}
+OP_KERNELS = {"rms_norm": ("rms_norm",), "rope": ("apply_rope",), "mlp": ("swiglu", "geglu", "lora_mlp"),
+              "experts": ("swiglu", "geglu"), "cross_entropy": ("fused_linear_cross_entropy", "linear_log_probs")}
 MODULE_OPS = ("rms_norm", "rope", "mlp")  # ops whose replaced forwards get a `module` row
 DECODE_STEPS = 6  # the batch's last tokens, fed one at a time to the inference path
 DECODE_LAYOUTS = ("unpadded", "left-padded", "right-padded")
