@@ -37,7 +37,9 @@ def test_model_runs_end_to_end_on_triton_and_matches(arch):
 
 def test_bf16_model_on_triton_matches():
     model = tiny_model(Llama)
-    result = compare(Llama("triton"), model, tiny_batch(model.config.vocab_size), torch.bfloat16)
+    # a small batch (its prompts still longer than decode_masks pads): the interpreter runs every program in Python
+    # (8 minutes at the default 3 x 19 on a 2-core VM)
+    result = compare(Llama("triton"), model, tiny_batch(model.config.vocab_size, batch=2, seq=14), torch.bfloat16)
     assert result.ok, result.table()
 
 
