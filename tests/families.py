@@ -16,6 +16,11 @@ SPREAD = ["llama", "gemma2", "phi3", "granite", "olmo2", "cohere2"]
 SLOW_FAMILIES = {"mixtral", "olmoe", "granitemoe"}
 
 
+def experts_class(model):
+    """The class of a mixture-of-experts model's experts modules (transformers' `<Family>Experts`), or None."""
+    return next((type(m) for m in model.modules() if type(m).__name__.endswith("Experts")), None)
+
+
 def spread(names):
     """pytest params: SPREAD's families by default, the others marked slow."""
     import pytest

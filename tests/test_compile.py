@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import patchkit
 from patchkit.parity import tiny_batch, tiny_model
 from patchkit.plugins import manager
-from .families import NAMES, spread
+from .families import NAMES, experts_class, spread
 
 FAMILIES = NAMES
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,8 +34,7 @@ def _model(name, lora=False, seed=0):
 
         # PEFT turns MLP targets of an MoE model into LoRA on its experts' 3-D weights, a parametrization dynamo
         # cannot trace (`set_` on a graph input) patched or not: attention projections only there
-        sparse = any(type(m).__name__.endswith("Experts") for m in model.modules())
-        targets = PROJECTIONS[:4] if sparse else PROJECTIONS
+        targets = PROJECTIONS[:4] if experts_class(model) else PROJECTIONS
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
         with torch.no_grad():  # B starts at zero; make the adapters count
             for n, p in model.named_parameters():

@@ -9,6 +9,7 @@ import torch
 import patchkit
 from patchkit import architectures as A
 from patchkit import inference
+from patchkit.architectures.moe import Moe
 from patchkit.parity import DECODE_LAYOUTS, _inference_decode, _reference_decode, decode_masks, tiny_model
 from .families import BUILTIN
 
@@ -35,8 +36,8 @@ def test_every_decode_step_matches_the_full_forward_in_every_layout(arch, attn, 
     """fp32, 1e-5 relative: 14 teacher-forced steps after a 16-token prompt (past every tiny sliding window), for
     unpadded, left-padded and right-padded prompts; "tester" is transformers' test config (heads of 16, init 0.02,
     no noise on the norms), where attention is nearly uniform except through q/k norms."""
-    if "intermediate_size" in config and "num_local_experts" in arch.tiny_config:  # Mixtral's experts are that wide,
-        config = {**config, "intermediate_size": 40}  # and transformers' grouped_mm needs rows of 16-byte multiples
+    if "intermediate_size" in config and issubclass(arch, Moe):  # Mixtral's experts are that wide, and
+        config = {**config, "intermediate_size": 40}  # transformers' grouped_mm needs rows of 16-byte multiples
     model = tiny_model(arch, attn_implementation=attn, **config).eval()
     if "vocab_size" in config:
         torch.manual_seed(0)

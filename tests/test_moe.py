@@ -11,18 +11,16 @@ from patchkit.generation import generate
 from patchkit.parity import tiny_batch, tiny_model
 from patchkit.plugins import manager
 
+from .families import experts_class
+
 MOE = ["qwen3_moe", "mixtral", "olmoe", "granitemoe"]
 IMPLEMENTATIONS = ["grouped_mm", "batched_mm", "eager"]
-
-
-def _experts_class(model):
-    return type(next(m for m in model.modules() if type(m).__name__.endswith("Experts")))
 
 
 @contextlib.contextmanager
 def _patched_counting_gates(name, model):
     """`patchkit.patched(name)`, recording each call of the experts' patched gate."""
-    experts, gates = _experts_class(model), []
+    experts, gates = experts_class(model), []
     with patchkit.patched(name):
         patched_gate = experts._apply_gate
         assert getattr(patched_gate, "__patchkit__", None) == (name, "experts")
@@ -59,7 +57,8 @@ def test_loss_aux_loss_router_logits_and_gradients_match(name, implementation):
     for n, g in ref_grads.items():  # the router's weight among them
         assert (grads[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
     # grouped_mm and batched_mm call the patched gate once per sparse layer; eager computes it inline
-    sparse = sum(type(m).__name__.endswith("Experts") for m in model.modules())
+    experts = experts_class(model)
+    sparse = sum(type(m) is experts for m in model.modules())
     assert len(gates) == (0 if implementation == "eager" else sparse)
 
 

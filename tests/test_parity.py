@@ -8,6 +8,8 @@ from patchkit.architectures import Gemma2, Gemma3Text, Llama, Mistral
 from patchkit.parity import compare, tiny_batch, tiny_model
 from patchkit.plugins import BUILTINS, manager
 
+from .families import experts_class
+
 
 def _builtin():
     return [a for a in manager().architectures.values() if a.__module__.startswith(BUILTINS[0])]
@@ -52,7 +54,7 @@ def test_parity_odd_sizes(arch):
     partial = {"partial_rotary_factor": 0.8} if "partial_rotary_factor" in arch.tiny_config else {}
     model = tiny_model(arch, hidden_size=60, intermediate_size=97, head_dim=10, num_attention_heads=6,
                        num_key_value_heads=3, vocab_size=333, **partial)
-    if any(type(m).__name__.endswith("Experts") for m in model.modules()):  # transformers' grouped_mm wants rows of
+    if experts_class(model):  # transformers' grouped_mm wants rows of
         model.set_experts_implementation("batched_mm")  # 16-byte multiples (unpatched too); batched_mm calls our gate
     _check(compare(arch(), model, tiny_batch(333, batch=2, seq=23)))
 

@@ -70,8 +70,7 @@ def suite(arch, patched: bool) -> type[unittest.TestCase]:
         def test_generation_tester_mixin_inheritance(self):
             pytest.skip("GenerationTesterMixin is not in transformers' sdist (generation: tests/test_generation.py)")
 
-    name = "".join(part.capitalize() for part in arch.name.split("_"))
-    Suite.__name__ = Suite.__qualname__ = f"Test{name}{'Patched' if patched else 'Unpatched'}"
+    Suite.__name__ = Suite.__qualname__ = f"Test{arch.prefix}{'Patched' if patched else 'Unpatched'}"
     return Suite if arch.name == "llama" else pytest.mark.slow(Suite)
 
 
