@@ -16,7 +16,8 @@ from .glm import Glm4
 from .granite import Granite
 from .llama import Llama
 from .mistral import Ministral, Mistral
-from .moe import GraniteMoe, Mixtral, Olmoe, Qwen3Moe
+from .moe import GptOss, GraniteMoe, Mixtral, Olmoe, Qwen3Moe
+from .multimodal import Llava, Mistral3, Qwen2_5_VL, Qwen3VL
 from .olmo import Olmo2, Olmo3
 from .phi3 import Phi3
 from .qwen import Qwen2, Qwen3
@@ -26,7 +27,8 @@ from .smollm3 import SmolLM3
 @hookimpl
 def patchkit_architectures():
     return [Llama, Mistral, Gemma, Gemma2, Gemma3Text, Qwen2, Qwen3, Phi3, Granite, Olmo2, Olmo3, SmolLM3, Glm4,
-            Cohere2, Exaone4, Ministral, Qwen3Moe, Mixtral, Olmoe, GraniteMoe]
+            Cohere2, Exaone4, Ministral, Qwen3Moe, Mixtral, Olmoe, GraniteMoe, GptOss, Llava, Mistral3,
+            Qwen2_5_VL, Qwen3VL]
 
 
 class _CallableModule(types.ModuleType):
@@ -39,5 +41,6 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "Granite", "GraniteMoe", "Llama", "Ministral",
-           "Mistral", "Mixtral", "Olmo2", "Olmo3", "Olmoe", "Phi3", "Qwen2", "Qwen3", "Qwen3Moe", "SmolLM3"]
+__all__ = ["Cohere2", "Exaone4", "Gemma", "Gemma2", "Gemma3Text", "Glm4", "GptOss", "Granite", "GraniteMoe", "Llama",
+           "Llava", "Ministral", "Mistral", "Mistral3", "Mixtral", "Olmo2", "Olmo3", "Olmoe", "Phi3", "Qwen2",
+           "Qwen2_5_VL", "Qwen3", "Qwen3Moe", "Qwen3VL", "SmolLM3"]

@@ -12,6 +12,7 @@ What a family changes here it states as `Llama` seams, never by restating this f
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 
@@ -33,6 +34,11 @@ def output_class(original):
         if isinstance(kind, type) and issubclass(kind, ModelOutput):
             return kind
     return CausalLMOutputWithPast
+
+
+@functools.cache
+def _takes_labels(backbone: type) -> bool:
+    return "labels" in inspect.signature(backbone.forward).parameters
 
 
 def fused_forward(arch, original):
@@ -69,11 +75,12 @@ def fused_forward(arch, original):
         inputs = {k: v for k, v in bound.items() if k not in ("self", "labels", "logits_to_keep")}
         if fused_lm_head:
             inputs["use_cache"] = False
+        if _takes_labels(type(self.base_model)):  # a vision-language base model masks image tokens by them
+            inputs["labels"] = labels
         outputs = self.base_model(**inputs, **extra)
         hidden = outputs.last_hidden_state
-        config = self.config.get_text_config()
-        scale = arch.logit_scale(config)
-        softcap = getattr(config, "final_logit_softcapping", None)
+        scale = arch.logit_scale(self.config.get_text_config())
+        softcap = arch.logit_softcap(self)
         added, fields = arch.extra_loss(self, outputs, {**inputs, **extra, "labels": labels})
         if fused_lm_head:
             return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale, fields.get("aux_loss"))

@@ -8,9 +8,11 @@
   config and applies inside the fused cross-entropy; attention soft-capping and the alternating
   sliding-window layers stay in transformers' attention. Its decoder layer norms the attention
   and MLP outputs too, which its decode step restates.
-- Gemma 3 (text): Gemma 2 plus q/k norms, which are `Gemma3RMSNorm` modules and so go through
+- Gemma 3: Gemma 2 plus q/k norms, which are `Gemma3RMSNorm` modules and so go through
   the patched norm; one rotary module with per-layer-type buffers, whose outputs feed the same
-  `apply_rotary_pos_emb` (the decode step asks it once per layer type).
+  `apply_rotary_pos_emb` (the decode step asks it once per layer type). The vision-language
+  `Gemma3ForConditionalGeneration` shares the file: its loss is fused too (it does not soft-cap its
+  logits), its projector's norm is a `Gemma3RMSNorm`; the SigLIP tower runs as transformers ships it.
 """
 
 from typing import ClassVar
@@ -51,3 +53,12 @@ class Gemma3Text(Gemma2):
                                    "rope_parameters": LAYER_TYPE_TINY_ROPE}
 
     decode_rope = layer_type_rope  # main diff with Gemma 2: one rotary table per layer type
+    heads = ("{prefix}ForCausalLM", "{prefix}ForConditionalGeneration")  # the vision-language model shares the file
+    tiny_multimodal: ClassVar[dict] = {"image_token_id": 210, "boi_token_id": 209, "eoi_token_id": 208,
+                                       "mm_tokens_per_image": 4, "vision_config": {
+                                           "model_type": "siglip_vision_model", "hidden_size": 32,
+                                           "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                           "image_size": 16, "patch_size": 4}}
+
+    def logit_softcap(self, lm):  # transformers soft-caps Gemma 3's text-only model, not the vision-language one
+        return None if type(lm).__name__.endswith("ForConditionalGeneration") else super().logit_softcap(lm)

@@ -113,12 +113,17 @@ class Llama(Architecture):
         and the decode step all see it."""
         return None
 
+    def logit_softcap(self, lm) -> float | None:
+        """The cap `c` of `c * tanh(logits / c)` on `lm`'s logits (None: none): the text config's
+        `final_logit_softcapping`, in the fused loss, TRL's head and the decode step."""
+        return getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+
     def extra_loss(self, lm, outputs, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, dict[str, Any]]:
         """(a term added to the fused loss, fields for the output) from the backbone's `outputs` and the call's
         `inputs`: a router's auxiliary loss and logits. None and {} by default."""
         return None, {}
 
-    @replaces("cross_entropy", "{prefix}ForCausalLM.forward")
+    @replaces("cross_entropy", "{head}.forward")
     def cross_entropy(self, original):
         return fused_forward(self, original)
 
@@ -131,12 +136,17 @@ class Llama(Architecture):
     def decode(self, lm, tokens, position, state):
         """Logits (batch, vocab) for the token after `tokens` (batch,) at `position` (batch, 1); the hidden states
         are (batch, hidden): one row per sequence."""
-        backbone = lm.base_model
+        backbone = self.backbone(lm)
         h = self.embed(backbone, tokens)
         rope = self.decode_rope(backbone, h, position)
         for i, layer in enumerate(state.layers):
             h = self.decode_layer(layer, h, rope(i) if state.rotary[i] else None, state, i)
         return self.decode_logits(lm, h, state)
+
+    def backbone(self, lm):
+        """The decoder stack of `lm` (embeddings, layers, final norm, rotary): its base model, or a vision-language
+        base model's `language_model`."""
+        return getattr(lm.base_model, "language_model", lm.base_model)
 
     def embed(self, backbone, tokens):
         """The input embeddings of `tokens` (batch,) as the backbone's forward computes them (multipliers too)."""
@@ -144,7 +154,7 @@ class Llama(Architecture):
 
     def decode_logits(self, lm, h, state):
         """Logits of the last hidden states (batch, hidden): final norm, head, `logit_scale`, soft-cap."""
-        h = self.norm(lm.base_model.norm, h)
+        h = self.norm(self.backbone(lm).norm, h)
         if state.logit_scale is not None:
             h = h * state.logit_scale
         logits = project(lm.get_output_embeddings(), h)

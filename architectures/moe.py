@@ -1,4 +1,4 @@
-"""Mixture-of-experts families: Qwen 3 MoE, Mixtral, OLMoE, Granite MoE.
+"""Mixture-of-experts families: Qwen 3 MoE, Mixtral, OLMoE, Granite MoE, GPT-OSS.
 
 transformers routes (its router modules run untouched) and runs the experts through its own experts seam,
 `use_experts_implementation`: the `eager` loop, `batched_mm` or `grouped_mm` (its default), chosen by
@@ -20,11 +20,13 @@ import sys
 
 from typing import Any, ClassVar
 
+import torch
+
 from patchkit import kernels as K
 from patchkit.architecture import replaces
 
 from .granite import Granite
-from .llama import Llama
+from .llama import Llama, rope_table
 from .mistral import Mistral
 from .olmo import Olmo2
 
@@ -63,8 +65,9 @@ class Moe(Llama):
         return added, {"aux_loss": aux}
 
     def feed_forward(self, module, x, original=None):
-        if "experts" in module._modules:  # a sparse block, (batch, seq, hidden) in and out
-            return module(x[:, None])[:, 0]
+        if "experts" in module._modules:  # a sparse block, (batch, seq, hidden) in and out (GPT-OSS: and scores)
+            out = module(x[:, None])
+            return (out[0] if isinstance(out, tuple) else out)[:, 0]
         return super().feed_forward(module, x, original)
 
 
@@ -92,6 +95,50 @@ class Olmoe(Moe):
         q, k = Olmo2.qk_norm(self, attn, q, k)
         clip = attn.config.clip_qkv
         return (q, k) if clip is None else (q.clamp(-clip, clip), k.clamp(-clip, clip))
+
+
+class GptOss(Moe):
+    """Attention sinks, in transformers' eager attention (GPT-OSS has no sdpa), which the decode step calls too;
+    biased experts and router, in transformers' experts and router; Llama-like RMSNorm multiplying in float32."""
+
+    name = "gpt_oss"
+    norm_cast = "gemma"
+    tiny_config: ClassVar[dict] = {"swiglu_limit": 0.3, "swiglu_alpha": 1.3, "sliding_window": 8,
+                                   "layer_types": ["sliding_attention", "full_attention"],
+                                   "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                       "beta_slow": 1.0, "rope_theta": 10000.0,
+                                                       "original_max_position_embeddings": 32}}
+
+    @replaces("experts", "{prefix}Experts._apply_gate")
+    def experts(self, original):
+        """main diff with Moe: gate and up interleaved and clamped, `gate * sigmoid(alpha * gate) * (up + 1)`,
+        which is `swiglu(alpha * gate, up + 1) / alpha`: the fused gate, its clamps and scalings elementwise, in
+        float32 with one rounding at the end (in bfloat16 the extra roundings of the scalings would show)."""
+        def _apply_gate(module, gate_up):
+            gate = gate_up[..., ::2].clamp(max=module.limit)
+            up = gate_up[..., 1::2].clamp(-module.limit, module.limit)
+            out = K.swiglu(gate.float() * module.alpha, up.float() + 1, backend=self.backend) / module.alpha
+            return out.to(gate_up.dtype)
+
+        return _apply_gate
+
+    @replaces("rope", "apply_rotary_pos_emb")
+    def rope(self, original):  # main diff with Llama: the rotary tables are half the head wide, for both halves
+        whole = super().rope(original)
+
+        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+            return whole(q, k, *_whole(cos, sin), unsqueeze_dim)
+
+        return apply_rotary_pos_emb
+
+    def decode_rope(self, backbone, h, position):  # the same tables in decoding
+        table = rope_table(_whole(*backbone.rotary_emb(h, position)), h.dtype)
+        return lambda i: table
+
+
+def _whole(cos, sin):
+    """GPT-OSS's half-width rotary tables as wide as the head (its two halves rotate by the same angles)."""
+    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
 
 class GraniteMoe(Moe, Granite):

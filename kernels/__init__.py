@@ -5,11 +5,28 @@ through the `patchkit_kernel_providers` hook.
 
 A checkout's `kernels/` directory can also be found as a top-level `kernels` package (the
 repository root on `sys.path`: tests, scripts run there), and transformers imports `kernels` to
-probe for Hugging Face's kernel hub. Imported under that name this module stays empty, so the
-ops (`torch.library` custom ops among them) are defined once, as `patchkit.kernels`.
+import Hugging Face's `kernels` package (a dependency of transformers 5.25+). Imported under that
+name this module hands the name over to Hugging Face's package where one is installed (the import
+system returns whatever `sys.modules` holds once this file has run), and defines nothing itself, so
+the ops (`torch.library` custom ops among them) are defined once, as `patchkit.kernels`.
 """
 
-if __name__ == "patchkit.kernels":
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (Hugging Face's; this is patchkit's kernels/ source "
+                                  "folder, importable as patchkit.kernels)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)
+elif __name__ == "patchkit.kernels":
     from . import _triton, liger
     from ._dispatch import (OPS, BackendError, Provider, clear_cache, dispatch, fell_back, prepare, resolve, served,
                             serving)

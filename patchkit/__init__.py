@@ -103,9 +103,11 @@ def _resolve(target: Any) -> list[type[Architecture]]:
     keys = [target] if isinstance(target, str) else _model_types(target)
     if not keys:
         raise TypeError(f"patchkit takes {TARGETS}; got {type(target).__name__} {target!r:.80}")
-    for key in keys:
-        if key in registry.model_types:
-            return [registry.model_types[key]]
+    found = [registry.model_types[key] for key in keys if key in registry.model_types]
+    if found and isinstance(target, str) and found[0].text_model_type in registry.model_types:
+        found.append(registry.model_types[found[0].text_model_type])  # a wrapper by name: its usual language model
+    if found:  # a vision-language wrapper and the family of its language model, once each
+        return list(dict.fromkeys(found))
     known = sorted(registry.model_types)
     close = difflib.get_close_matches(str(keys[0]).lower(), known, n=1, cutoff=0.5)
     raise UnknownArchitectureError(

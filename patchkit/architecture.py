@@ -48,6 +48,13 @@ class Architecture:
     overrides: ClassVar[bool] = False  # replace a registered architecture of the same name
     shared_ops: ClassVar[tuple[str, ...]] = ()  # ops served by patches all families share (patchkit.integrations)
     tiny_config: ClassVar[dict[str, Any]] = {}  # the verifier's tiny model: merged into the parent's
+    # the model classes whose forward computes the loss (`{head}` in a path), `{prefix}` filled in; the verifier
+    # builds the first. A vision-language wrapper: `{prefix}ForConditionalGeneration`
+    heads: ClassVar[tuple[str, ...]] = ("{prefix}ForCausalLM",)
+    # a vision-language wrapper whose language model comes from another family (LLaVA's `text_config`): the model
+    # type patched with it when it is patched by name; a config or model names its own
+    text_model_type: ClassVar[str | None] = None
+    tiny_multimodal: ClassVar[dict[str, Any]] = {}  # a wrapper's tiny config; `tiny_config` is its `text_config`
     fallbacks: ClassVar[dict[str, str]] = {}  # op -> why its replacement may run the original on the tiny model
 
     _factories: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
@@ -87,7 +94,7 @@ class Architecture:
     def differences(cls) -> dict[str, Any]:
         """What this class changes relative to its parent: settings it sets and op factories it overrides."""
         identity = {"name", "model_types", "module", "prefix", "config_class", "tiny_config", "overrides", "_factories",
-                    "shared_ops", "fallbacks"}
+                    "shared_ops", "fallbacks", "tiny_multimodal"}
         return {k: v for k, v in vars(cls).items() if not k.startswith("__") and k not in identity}
 
     @classmethod
@@ -100,8 +107,10 @@ class Architecture:
         return importlib.import_module(cls.module)
 
     @classmethod
-    def model_class(cls, kind: str = "ForCausalLM"):
-        return getattr(cls.load_module(), f"{cls.prefix}{kind}")
+    def model_class(cls, kind: str | None = None, head: int = 0):
+        """The model class `{prefix}{kind}`, by default `heads[head]`."""
+        name = cls.heads[head].format(prefix=cls.prefix) if kind is None else f"{cls.prefix}{kind}"
+        return getattr(cls.load_module(), name)
 
     @classmethod
     def config_type(cls):
@@ -116,7 +125,9 @@ class Architecture:
             factory = getattr(self, attr)
             if factory is None or not self.enabled.get(op, False):
                 continue
-            out.extend((op, path.format(prefix=self.prefix), factory) for path in paths)
+            heads = [head.format(prefix=self.prefix) for head in self.heads]
+            out.extend((op, path.format(prefix=self.prefix, head=head), factory)
+                       for path in paths for head in (heads if "{head}" in path else heads[:1]))
         return out
 
     def __repr__(self) -> str:

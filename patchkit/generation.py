@@ -28,6 +28,10 @@ log = logging.getLogger("patchkit")
 # already in the stopping criteria); any other model input (pixel values, ...) is not served
 MODEL_INPUTS = {"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
                 "inputs_embeds", "tokenizer"}
+# a vision-language model's inputs that only the prefill reads (images, their sizes and positions): the decode
+# steps feed text tokens, at the positions the prefill's last column continues
+PREFILL_INPUTS = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                  "second_per_grid_ts", "mm_token_type_ids", "token_type_ids", "mm_encoder_outputs"}
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,13 @@ def unserved(model, config, synced_gpus: bool, model_kwargs: dict) -> str | None
         return "an assistant model's candidate generation"
     if not model_kwargs.get("use_cache", True):
         return "use_cache=False"
-    extra = sorted(k for k, v in model_kwargs.items() if k not in MODEL_INPUTS and v is not None)
+    vision = hasattr(model.config, "vision_config")
+    known = MODEL_INPUTS | PREFILL_INPUTS if vision else MODEL_INPUTS
+    extra = sorted(k for k, v in model_kwargs.items() if k not in known and v is not None)
     if extra:
         return f"model input(s) {', '.join(extra)}"
     positions = model_kwargs.get("position_ids")
-    if positions is not None and positions.dim() != 2:
+    if positions is not None and positions.dim() != 2 and not (vision and positions.dim() == 3):  # Qwen-VL's rows
         return f"{positions.dim()}-D position ids"
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     return _cache_layers_served(cache)

@@ -23,11 +23,12 @@ class DecodeState:
     is None where nothing is masked); sliding layers hold only their window's tail, which lands at the end."""
 
     def __init__(self, arch, lm, cache, attention_mask: torch.Tensor | None, cached: int, new_tokens: int):
-        self.layers = list(lm.base_model.layers[: lm.base_model.config.num_hidden_layers])
+        backbone = arch.backbone(lm)
+        self.layers = list(backbone.layers[: backbone.config.num_hidden_layers])
         self.windows = [arch.decode_window(layer.self_attn) for layer in self.layers]
         self.rotary = [arch.rotary_layer(layer.self_attn) for layer in self.layers]
         self.implementation = lm.config._attn_implementation
-        self.final_softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        self.final_softcap = arch.logit_softcap(lm)
         self.logit_scale = arch.logit_scale(lm.config.get_text_config())
         self.cached = self.length = cached  # slots filled by the prefill; slots written so far
         self.keys, self.values = [], []
@@ -80,7 +81,7 @@ def architecture_of(model):
     from . import _resolve, _unwrap
 
     base = _unwrap(model)
-    return _resolve(base)[0], base
+    return _resolve(base)[-1], base  # a vision-language model: the family of its language model
 
 
 class Decoding:
@@ -95,7 +96,7 @@ class Decoding:
         patched = patcher.state(arch_cls.name)
         self.arch = patched.arch if patched else arch_cls()  # the backend it was patched with, else "auto"
         self.state = DecodeState(self.arch, self.lm, cache, attention_mask, cache.get_seq_length(), new_tokens)
-        self.logits, self.position = logits, position_ids[:, -1:]
+        self.logits, self.position = logits, position_ids[..., -1:]  # (batch, 1); Qwen-VL: (4, batch, 1)
         self.products = Products(logits.shape[0])
 
     @classmethod

@@ -17,6 +17,7 @@ the float32 model, and the patched error may be at most twice the unpatched bf16
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,19 +76,32 @@ class Result:
         return "\n".join(lines)
 
 
-def tiny_model(arch: type[Architecture], *, seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any):
-    """A small random `*ForCausalLM` of `arch`, built from its config class (no download).
-
-    Families without sdpa support (Gemma 2: attention soft-capping) fall back to eager.
-    """
+def tiny_config(arch: type[Architecture], *, head: int = 0, **overrides: Any):
+    """The config of `tiny_model`: `TINY`, then `arch.tiny_config`, then `overrides`; a vision-language head's
+    (`*ForConditionalGeneration`) puts them in its `text_config`, inside `arch.tiny_multimodal`."""
     values = copy.deepcopy({**TINY, **arch.tiny_config, **overrides})  # configs edit the dicts they are given
     rope = values.get("rope_parameters") or {}
     if "short_factor" in rope:  # LongRoPE: one factor per rotary frequency, so as many as the head size asks
         width = int(values["head_dim"] * values.get("partial_rotary_factor", 1.0)) // 2
         for key in ("short_factor", "long_factor"):
             rope[key] = [rope[key][i % len(rope[key])] for i in range(width)]
-    config = arch.config_type()(**values)
-    model_class = arch.model_class()
+    model_class = arch.model_class(head=head)
+    if model_class.__name__.endswith("ForConditionalGeneration"):
+        values = {**copy.deepcopy(arch.tiny_multimodal), "text_config": values,
+                  "tie_word_embeddings": values["tie_word_embeddings"]}
+        return model_class.config_class(**values)
+    return arch.config_type()(**values)
+
+
+def tiny_model(arch: type[Architecture], *, seed: int = 0, attn_implementation: str = "sdpa", head: int = 0,
+               **overrides: Any):
+    """A small random model of `arch`, built from its config class (no download): its `heads[head]`
+    (`*ForCausalLM`; a vision-language `*ForConditionalGeneration`), of `tiny_config`.
+
+    Families without sdpa support (Gemma 2: attention soft-capping) fall back to eager.
+    """
+    config = tiny_config(arch, head=head, **overrides)
+    model_class = arch.model_class(head=head)
     if attn_implementation == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
         attn_implementation = "eager"
     config._attn_implementation = attn_implementation
@@ -134,7 +148,7 @@ def _reference_decode(model, ids, prompt_mask):
     prompt, new = prompt_mask.shape[1], ids.shape[1] - prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(ids.shape[0], new)], 1)
     prompt_positions = generation_positions(model, prompt_mask)
-    positions = torch.cat([prompt_positions, prompt_positions[:, -1:] + torch.arange(1, new + 1)], 1)
+    positions = torch.cat([prompt_positions, prompt_positions[..., -1:] + torch.arange(1, new + 1)], -1)
     first = model(input_ids=ids[:, :prompt], attention_mask=prompt_mask, position_ids=prompt_positions).logits
     steps = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, prompt:-1]
     return torch.cat([first[:, -1:], steps], 1)
@@ -260,7 +274,7 @@ def module_rows(arch: Architecture, model, batch, dtype: torch.dtype) -> list[Ro
         for op, path, factory in arch.targets():
             if op in MODULE_OPS:
                 undo.append(_spy(*patcher._resolve(module, path, arch, op), path, calls))
-                factories[path] = factory
+                factories[path] = functools.partial(patcher.make, module, path, factory)
         with torch.no_grad():
             model.eval()(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
@@ -329,7 +343,16 @@ def compare(arch: Architecture, model, batch: dict[str, torch.Tensor], dtype: to
 def verify_one(arch_cls: type[Architecture], *, backend: str = "auto", dtype: torch.dtype = torch.float32,
                seed: int = 0, attn_implementation: str = "sdpa", **ops: bool) -> Result:
     model = tiny_model(arch_cls, seed=seed, attn_implementation=attn_implementation)
-    return compare(arch_cls(backend, ops), model, tiny_batch(model.config.vocab_size), dtype)
+    return compare(arch_cls(backend, ops), model, tiny_batch(text_vocab(model.config)), dtype)
+
+
+def text_vocab(config) -> int:
+    """The ids a tiny batch draws from: the text vocabulary, below a vision-language model's image tokens."""
+    if not hasattr(config, "vision_config"):
+        return config.vocab_size
+    special = [v for k, v in config.to_dict().items() if k.endswith(("token_id", "token_index")) and
+               isinstance(v, int) and k not in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    return min([config.get_text_config().vocab_size, *special])
 
 
 def verify(target: Any = None, *, backend: str = "auto", dtype: str | torch.dtype = torch.float32,

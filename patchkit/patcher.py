@@ -15,12 +15,14 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+import torch
+
 from .architecture import Architecture
 
 log = logging.getLogger("patchkit")
 _MISSING = object()
 lock = threading.RLock()
-TESTED_TRANSFORMERS = "5.23"  # the release series the test suite runs against (pyproject: >=5.23,<6)
+TESTED_TRANSFORMERS = "5.25"  # the release series the test suite runs against (pyproject: >=5.23,<6)
 
 
 class PatchError(RuntimeError):
@@ -104,6 +106,10 @@ def _resolve(module, path: str, arch: Architecture, op: str):
         attr = part
     if holder is _MISSING or not hasattr(holder, attr):
         raise _drift(f"{module.__name__}.{path} does not exist", arch, op)
+    if isinstance(getattr(holder, attr), torch.nn.Module):
+        # Hugging Face `kernels` makes a function like apply_rotary_pos_emb a module, and each model holds
+        # private instances of its class (pickled by the name): the class's forward is what gets replaced
+        return type(getattr(holder, attr)), "forward"
     return holder, attr
 
 
@@ -111,6 +117,22 @@ def _conflicts(arch: Architecture, targets) -> set[str]:
     """Other architectures whose live patches sit on the resolved `targets` of `arch`."""
     marks = (getattr(getattr(owner, attr), "__patchkit__", None) for *_, owner, attr in targets)
     return {mark[0] for mark in marks if mark and mark[0] != arch.name}
+
+
+def make(module, path: str, factory, original):
+    """What `factory` makes of `original` (found at `path` by `_resolve`), in the form installed there: where a
+    function is a module (see `_resolve`), the factory sees the function and its result becomes the forward."""
+    if "." in path or not isinstance(getattr(module, path), torch.nn.Module):
+        return factory(original)
+    function = factory(getattr(module, path).forward)
+
+    def forward(self, *args, **kwargs):
+        return function(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(function).replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *inspect.signature(function).parameters.values()])
+    return forward
 
 
 def _owner_plugin(name: str) -> str:
@@ -141,16 +163,14 @@ def _install(record: Applied, module) -> None:
         original = getattr(owner, attr)
         earlier, replacement = made.get(path, (None, None))
         if earlier is not original:
-            replacement = factory(original)
+            replacement = make(module, path, factory, original)
             made[path] = (original, replacement)
-        # with Hugging Face `kernels` installed, a function like apply_rotary_pos_emb is an nn.Module
-        signature_of = original if inspect.isroutine(original) else getattr(original, "forward", original)
-        missing = _unaccepted(signature_of, replacement)
+        missing = _unaccepted(original, replacement)
         if missing:
-            raise _drift(f"{module.__name__}.{path}{inspect.signature(signature_of)} takes {missing!r}, which "
+            raise _drift(f"{module.__name__}.{path}{inspect.signature(original)} takes {missing!r}, which "
                          "patchkit's replacement does not accept,", arch, op)
-        if callable(replacement) and callable(signature_of) and hasattr(replacement, "__code__"):
-            functools.update_wrapper(replacement, signature_of)
+        if callable(replacement) and callable(original) and hasattr(replacement, "__code__"):
+            functools.update_wrapper(replacement, original)
         if hasattr(replacement, "__code__"):
             replacement.__patchkit__ = (arch.name, op)
         own = vars(owner).get(attr, _MISSING) if isinstance(owner, type) else getattr(owner, attr)

@@ -63,3 +63,14 @@ def register_plugin():
     finally:
         for name in names:
             plugins.manager().unregister(name)
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """How many decode steps patchkit's loop ran (0: transformers' own loop ran the call)."""
+    from patchkit import inference
+
+    count = []
+    real = inference.Decoding.step
+    monkeypatch.setattr(inference.Decoding, "step", lambda self, tokens: count.append(1) or real(self, tokens))
+    return count

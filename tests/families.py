@@ -2,7 +2,11 @@
 
 from patchkit.plugins import BUILTINS, manager
 
-BUILTIN = [a for a in manager().architectures.values() if a.__module__.startswith(BUILTINS[0])]
+# vision-language wrappers are checked in tests/test_multimodal.py (their images, their text-only batches); LLaVA's
+# and Mistral 3's language models are other families', Gemma 3's wrapper shares gemma3_text
+MULTIMODAL = ["llava", "mistral3", "qwen2_5_vl", "qwen3_vl"]
+BUILTIN = [a for a in manager().architectures.values() if a.__module__.startswith(BUILTINS[0])
+           and a.name not in MULTIMODAL]
 NAMES = [a.name for a in BUILTIN]
 # one family per distinct code path, for tests too slow to run on every family by default (compilation):
 # Llama, the base; Gemma 2: soft-caps, eager, post-block norms; Phi-3: fused projections, partial rotary;

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import patchkit
-from patchkit.parity import tiny_batch, tiny_model
+from patchkit.parity import tiny_batch, tiny_model, text_vocab
 from patchkit.plugins import manager
 from .families import NAMES, experts_class, spread
 
@@ -44,7 +44,7 @@ def _model(name, lora=False, seed=0):
 
 
 def _batch(model, ignored=0, seq=19):
-    batch = tiny_batch(model.config.vocab_size, seq=seq)
+    batch = tiny_batch(text_vocab(model.config), seq=seq)
     batch["labels"][1, :ignored] = -100
     return batch
 
@@ -131,7 +131,7 @@ def test_dynamic_compile_trains_over_lengths(name):
 def test_compiled_packed_rows_match_eager_unpatched():
     """Padding-free packing (position resets, no mask): transformers' own packed mask keeps documents apart."""
     model = _model("llama")
-    ids = torch.randint(0, model.config.vocab_size, (1, 24))
+    ids = torch.randint(0, text_vocab(model.config), (1, 24))
     positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
     batch = {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
     expected = _loss_and_grads(model, model, batch)
@@ -187,7 +187,7 @@ def _static_generate(model, ids, mask, backend):
 def _prompts(name):
     """An eval model, a left-padded batch of prompts and the tokens eager unpatched greedy `generate` gives."""
     model = _model(name).eval()
-    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    ids = torch.randint(3, text_vocab(model.config), (2, 7))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)

@@ -8,8 +8,8 @@ import torch
 
 import patchkit
 from patchkit import architectures as A
-from patchkit import generation, inference
-from patchkit.parity import tiny_model
+from patchkit import generation
+from patchkit.parity import tiny_model, text_vocab
 from .families import BUILTIN
 
 FAMILIES = BUILTIN
@@ -31,15 +31,6 @@ def prompts(vocab, layout="left", batch=3, length=12, seed=0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.fixture
-def steps(monkeypatch):
-    """How many decode steps patchkit's loop ran (0: transformers' own loop ran the call)."""
-    count = []
-    real = inference.Decoding.step
-    monkeypatch.setattr(inference.Decoding, "step", lambda self, tokens: count.append(1) or real(self, tokens))
-    return count
-
-
 def both(model, ids, **kwargs):
     """transformers' own `generate` (the model unpatched) and the decode loop's (patched, `for_inference`)."""
     torch.manual_seed(7)
@@ -59,7 +50,7 @@ def both(model, ids, **kwargs):
 @pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.name)
 def test_greedy_tokens_and_logits_are_transformers_in_every_layout(arch, attn, layout, steps):
     model = tiny_model(arch, attn_implementation=attn).eval()
-    ids, mask = prompts(model.config.vocab_size, layout)
+    ids, mask = prompts(text_vocab(model.config), layout)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None,
                   return_dict_in_generate=True, output_logits=True)
     reference, ours = both(model, ids, **kwargs)
@@ -103,7 +94,7 @@ def _config(**kwargs):
 @pytest.mark.parametrize("arch", [A.Llama, A.Gemma2], ids=lambda a: a.name)
 def test_everyday_settings_run_the_decode_loop_with_transformers_results(arch, setting, steps):
     model = tiny_model(arch).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     kwargs = SETTINGS[setting](_stop_token(model, ids, mask))
     kwargs = {"attention_mask": mask, "pad_token_id": 0, **kwargs}
     if "generation_config" not in kwargs:
@@ -123,7 +114,7 @@ def test_everyday_settings_run_the_decode_loop_with_transformers_results(arch, s
 
 def test_min_new_tokens_and_eos_lists_stop_each_row_as_transformers_does(steps):
     model = tiny_model(A.Llama).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     eos = [_stop_token(model, ids, mask, row, at=2 + 3 * row) for row in range(3)]  # a token of each row
     reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(ours, reference) and ours.shape[1] < ids.shape[1] + NEW  # stopped early, every row
@@ -144,7 +135,7 @@ def test_stop_strings_stop_where_transformers_stops(steps):
                       pre_tokenizers.Split(Regex("."), "isolated"), eos_token="<eos>")
     tokenizer.backend_tokenizer.decoder = decoders.Fuse()
     model = tiny_model(A.Llama, vocab_size=len(tokenizer)).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     free = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
                           eos_token_id=None)
     stops = [tokenizer.decode(free[row, ids.shape[1] + 4:ids.shape[1] + 6]) for row in range(3)]  # two tokens each
@@ -155,7 +146,7 @@ def test_stop_strings_stop_where_transformers_stops(steps):
 
 def test_prompts_as_embeddings_run_the_loop(steps):
     model = tiny_model(A.Qwen3).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     embeds = model.get_input_embeddings()(ids).detach()
     kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                   eos_token_id=None)
@@ -175,7 +166,7 @@ def test_streamers_get_the_prompt_each_step_and_the_end(steps):
             self.ended = True
 
     model = tiny_model(A.Llama).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     recorders = Recorder(), Recorder()
     for recorder, patched in zip(recorders, (False, True)):
         with patchkit.patched("llama") if patched else torch.no_grad():
@@ -193,7 +184,7 @@ def test_streamers_get_the_prompt_each_step_and_the_end(steps):
 
 def test_the_returned_cache_is_transformers_and_generation_continues_from_it(steps):
     model = tiny_model(A.Gemma3Text).eval()  # sliding and full layers
-    ids, mask = prompts(model.config.vocab_size, "none")
+    ids, mask = prompts(text_vocab(model.config), "none")
     kwargs = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, eos_token_id=None)
     reference, ours = both(model, ids, **kwargs)
     for mine, theirs in zip(ours.cache.layers, reference.cache.layers, strict=True):
@@ -216,7 +207,7 @@ def test_the_returned_cache_is_transformers_and_generation_continues_from_it(ste
 ])
 def test_what_the_loop_cannot_serve_runs_transformers_own_and_says_why_once(call, steps, caplog):
     model = tiny_model(A.Llama).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     generation._logged.clear()
     with caplog.at_level(logging.WARNING, logger="patchkit"):
         reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, **call)
@@ -252,14 +243,14 @@ def test_peft_lora_model_generates_identically(steps):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
                              init_lora_weights=False)
     model = peft.get_peft_model(model, config).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, eos_token_id=None)
     assert len(steps) == NEW - 1 and torch.equal(ours, reference)
 
 
 def test_generate_works_on_an_unpatched_model_and_leaves_it_as_it_was(steps):
     model = tiny_model(A.Llama).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     kwargs = dict(attention_mask=mask, pad_token_id=0, eos_token_id=None)
     assert torch.equal(patchkit.generate(model, ids, NEW, **kwargs), model.generate(ids, max_new_tokens=NEW, **kwargs))
     assert steps and not patchkit.is_patched("llama") and type(model).__module__.startswith("transformers")
@@ -268,7 +259,7 @@ def test_generate_works_on_an_unpatched_model_and_leaves_it_as_it_was(steps):
 
 def test_a_seeded_generator_reproduces_sampling():
     model = tiny_model(A.Qwen3).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     runs = [patchkit.generate(model, ids, NEW, attention_mask=mask, do_sample=True, top_k=50, top_p=0.9,
                               temperature=0.8, pad_token_id=0, generator=torch.Generator().manual_seed(3))
             for _ in range(2)]
@@ -293,7 +284,7 @@ def test_longrope_past_its_original_length_runs_transformers_loop(steps, caplog)
     """Phi-3's LongRoPE changes factors past `original_max_position_embeddings` and transformers recomputes the
     cache there: the decode loop hands such a call back (logged), and serves one that stays below."""
     model = tiny_model(A.Phi3, original_max_position_embeddings=16).eval()
-    ids, mask = prompts(model.config.vocab_size)
+    ids, mask = prompts(text_vocab(model.config))
     generation._logged.clear()
     with caplog.at_level(logging.WARNING, logger="patchkit"):
         reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0)

@@ -10,7 +10,7 @@ import patchkit
 from patchkit import architectures as A
 from patchkit import inference
 from patchkit.architectures.moe import Moe
-from patchkit.parity import DECODE_LAYOUTS, _inference_decode, _reference_decode, decode_masks, tiny_model
+from patchkit.parity import DECODE_LAYOUTS, _inference_decode, _reference_decode, decode_masks, tiny_model, text_vocab
 from .families import BUILTIN
 
 FAMILIES = BUILTIN
@@ -42,7 +42,7 @@ def test_every_decode_step_matches_the_full_forward_in_every_layout(arch, attn, 
     if "vocab_size" in config:
         torch.manual_seed(0)
         model = type(model)(model.config).eval()
-    ids = torch.randint(3, model.config.vocab_size, (3, 30), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, text_vocab(model.config), (3, 30), generator=torch.Generator().manual_seed(1))
     for layout, mask in decode_masks(3, 16).items():
         with torch.no_grad():
             reference = _reference_decode(model, ids, mask)
@@ -62,7 +62,7 @@ def test_the_verifier_checks_every_layout():
 def test_decode_runs_the_triton_kernels(arch):
     """With backend="triton" the decode step's norms and MLP are patchkit's Triton kernels (the interpreter on CPU)."""
     model = tiny_model(arch).eval()
-    ids, mask = _prompts(model.config.vocab_size, batch=2, length=7)
+    ids, mask = _prompts(text_vocab(model.config), batch=2, length=7)
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with patchkit.patched(arch.name, backend="triton"):
         assert torch.equal(patchkit.generate(model, ids, 8, attention_mask=mask, pad_token_id=0), reference)
@@ -71,7 +71,7 @@ def test_decode_runs_the_triton_kernels(arch):
 def test_cache_holds_what_a_full_forward_computes():
     """The keys and values the decode steps write into the pre-allocated cache are transformers' own."""
     model = tiny_model(A.Llama).eval()
-    ids, _ = _prompts(model.config.vocab_size, batch=1)
+    ids, _ = _prompts(text_vocab(model.config), batch=1)
     decoding = inference.Decoding.prefill(model, ids[:, :5], None, ids.shape[1] - 5)
     storage = [k.data_ptr() for k in decoding.state.keys]
     with torch.inference_mode():

@@ -17,11 +17,15 @@ import transformers.models.llama.modeling_llama as M
 import patchkit
 from patchkit import patcher
 from patchkit.architectures import Llama
-from patchkit.parity import compare, tiny_batch, tiny_model
+from patchkit.parity import compare, tiny_batch, tiny_model, text_vocab
 
 
 def _originals(module=M):
-    return {name: (vars(getattr(module, name)).get("forward") if name[0].isupper() else getattr(module, name))
+    def own(obj):  # a class's own forward; apply_rotary_pos_emb is a module's with Hugging Face `kernels` installed
+        cls = obj if isinstance(obj, type) else type(obj) if isinstance(obj, torch.nn.Module) else None
+        return obj if cls is None else vars(cls).get("forward")
+
+    return {name: own(getattr(module, name, None))
             for name in ("LlamaRMSNorm", "LlamaMLP", "LlamaForCausalLM", "apply_rotary_pos_emb")}
 
 
@@ -58,7 +62,7 @@ def test_a_thousand_patch_cycles_leave_nothing_behind():
 
 def test_unpatch_in_the_middle_of_training_restores_unpatched_numbers():
     model = tiny_model(Llama)
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     original_forward = M.LlamaForCausalLM.forward
@@ -87,7 +91,7 @@ def test_save_pretrained_is_byte_identical_and_loads_unpatched(tmp_path):
     assert left == right and "model.safetensors" in left
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "unpatched", tmp_path / "patched", left, shallow=False)
     assert match == left and not mismatch and not errors
-    ids = tiny_batch(model.config.vocab_size)["input_ids"]
+    ids = tiny_batch(text_vocab(model.config))["input_ids"]
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
     torch.save(ids, tmp_path / "ids.pt")
@@ -118,11 +122,12 @@ def test_renamed_attribute_refuses_atomically(monkeypatch):
         patchkit.patch("llama")
     message = str(err.value)
     assert "transformers.models.llama.modeling_llama.LlamaMLP.forward does not exist" in message
-    assert "tested with transformers 5.23" in message and "mlp=False" in message and "patchkit verify" in message
+    assert f"tested with transformers {patcher.TESTED_TRANSFORMERS}" in message
+    assert "mlp=False" in message and "patchkit verify" in message
     assert not patchkit.is_patched("llama")
     assert vars(M.LlamaRMSNorm)["forward"] is before["LlamaRMSNorm"]
     assert vars(M.LlamaForCausalLM)["forward"] is before["LlamaForCausalLM"]
-    assert M.apply_rotary_pos_emb is before["apply_rotary_pos_emb"]
+    assert _originals()["apply_rotary_pos_emb"] is before["apply_rotary_pos_emb"]
     assert _runs_unpatched(model)
 
 
@@ -145,7 +150,7 @@ def test_changed_signature_refuses_atomically(monkeypatch, change):
     with pytest.raises(patchkit.PatchError) as err:
         patchkit.patch("llama")
     message = str(err.value)
-    assert "apply_rotary_pos_emb(" in message and "tested with transformers 5.23" in message
+    assert "apply_rotary_pos_emb(" in message and f"tested with transformers {patcher.TESTED_TRANSFORMERS}" in message
     assert "rope=False" in message
     assert M.apply_rotary_pos_emb is apply_rotary_pos_emb
     assert all(_originals()[n] is before[n] for n in ("LlamaRMSNorm", "LlamaMLP", "LlamaForCausalLM"))
@@ -156,7 +161,7 @@ def test_changed_signature_refuses_atomically(monkeypatch, change):
 
 def test_torch_compile_of_a_patched_model_matches():
     model = tiny_model(Llama).train()
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     expected = model(**batch).loss
     expected.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -174,13 +179,13 @@ def test_to_dtype_after_patching():
     model = tiny_model(Llama)
     patchkit.patch("llama")
     model.to(torch.bfloat16)
-    assert compare(Llama(), model, tiny_batch(model.config.vocab_size), torch.bfloat16).ok
+    assert compare(Llama(), model, tiny_batch(text_vocab(model.config)), torch.bfloat16).ok
     assert patchkit.is_patched("llama")  # compare() put the patch back as it found it
 
 
 def test_deepcopy_and_pickle_of_a_patched_model():
     model = tiny_model(Llama).train()
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     with patchkit.patched("llama"):
         expected = model(**batch).loss
         for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 import patchkit
 from patchkit import kernels as K
-from patchkit.parity import tiny_batch, tiny_model
+from patchkit.parity import tiny_batch, tiny_model, text_vocab
 from .families import BUILTIN
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -131,7 +131,7 @@ def _train_step(model, batch, seed=0):
 
 
 def _compare(model, arch, monkeypatch, **patch_kw):
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     loss, grads = _train_step(model, batch)
     with patchkit.patched(arch.name, **patch_kw), _count(monkeypatch) as calls:
         got_loss, got = _train_step(model, batch)
@@ -178,7 +178,7 @@ def test_autocast_bf16(monkeypatch):
     from patchkit.architectures import Llama
 
     model = _peft(Llama)
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     exact_loss, exact = _train_step(model, batch)
     runs = {}
     for variant in ("unpatched", "patched"):
@@ -198,7 +198,7 @@ def test_half_precision_base_with_float32_adapters(monkeypatch):
     from patchkit.architectures import Llama
 
     model = _peft(Llama)
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     exact_loss, exact = _train_step(model.double(), batch)
     model.float()
     for name, module in model.named_modules():
@@ -222,7 +222,7 @@ def test_merged_and_disabled_adapters(monkeypatch):
     from patchkit.architectures import Llama
 
     model = _peft(Llama)
-    batch = {k: v for k, v in tiny_batch(model.config.vocab_size).items() if k != "labels"}
+    batch = {k: v for k, v in tiny_batch(text_vocab(model.config)).items() if k != "labels"}
     model.eval()
     with torch.no_grad():
         adapted = model(**batch).logits

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import patchkit
-from patchkit.parity import tiny_batch, tiny_model
+from patchkit.parity import tiny_batch, tiny_model, text_vocab
 
 from .families import BUILTIN
 
@@ -37,7 +37,7 @@ def test_training_matches(arch, checkpointing):
     model = tiny_model(arch, attn_implementation="eager").train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     ref, ref_grads = _step(model, batch, output_hidden_states=True, output_attentions=True)
     with patchkit.patched(arch.name):
         out, grads = _step(model, batch, output_hidden_states=True, output_attentions=True)
@@ -54,8 +54,8 @@ def test_training_matches(arch, checkpointing):
 @FAMILIES
 def test_resized_embeddings_and_save_load_while_patched(arch, tmp_path):
     model = tiny_model(arch)
-    model.resize_token_embeddings(model.config.vocab_size + 5)
-    batch = tiny_batch(model.config.vocab_size)
+    model.resize_token_embeddings(text_vocab(model.config) + 5)
+    batch = tiny_batch(text_vocab(model.config))
     model.eval()
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

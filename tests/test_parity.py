@@ -5,7 +5,7 @@ import torch
 
 import patchkit
 from patchkit.architectures import Gemma2, Gemma3Text, Llama, Mistral
-from patchkit.parity import compare, tiny_batch, tiny_model
+from patchkit.parity import compare, tiny_batch, tiny_model, text_vocab
 from patchkit.plugins import BUILTINS, manager
 
 from .families import experts_class
@@ -25,7 +25,8 @@ def _check(result):
 def test_every_family_is_covered():
     assert {a.name for a in _builtin()} == {"llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
                                             "phi3", "granite", "olmo2", "olmo3", "smollm3", "glm4", "cohere2",
-                                            "exaone4", "ministral", "qwen3_moe", "mixtral", "olmoe", "granitemoe"}
+                                            "exaone4", "ministral", "qwen3_moe", "mixtral", "olmoe", "granitemoe",
+                                            "gpt_oss", "llava", "mistral3", "qwen2_5_vl", "qwen3_vl"}
 
 
 @ARCHS
@@ -35,7 +36,7 @@ def test_every_family_is_covered():
 def test_parity_fp32(arch, attn, tied, kv_heads):
     model = tiny_model(arch, attn_implementation=attn, tie_word_embeddings=tied, num_key_value_heads=kv_heads)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    _check(compare(arch(), model, tiny_batch(model.config.vocab_size)))
+    _check(compare(arch(), model, tiny_batch(text_vocab(model.config))))
 
 
 def test_llama_parity_uses_llama3_rope_scaling():
@@ -45,13 +46,16 @@ def test_llama_parity_uses_llama3_rope_scaling():
 @ARCHS
 def test_parity_bf16(arch):
     model = tiny_model(arch)
-    _check(compare(arch(), model, tiny_batch(model.config.vocab_size), torch.bfloat16))
+    _check(compare(arch(), model, tiny_batch(text_vocab(model.config)), torch.bfloat16))
 
 
 @ARCHS
 def test_parity_odd_sizes(arch):
     # a partial rotary factor keeps the rotary width even (transformers' LongRoPE cannot take an odd one)
     partial = {"partial_rotary_factor": 0.8} if "partial_rotary_factor" in arch.tiny_config else {}
+    rope = arch.tiny_config.get("rope_parameters", {})
+    if "mrope_section" in rope:  # Qwen-VL: the sections cover half the head
+        partial["rope_parameters"] = {**rope, "mrope_section": [1, 2, 2]}
     model = tiny_model(arch, hidden_size=60, intermediate_size=97, head_dim=10, num_attention_heads=6,
                        num_key_value_heads=3, vocab_size=333, **partial)
     if experts_class(model):  # transformers' grouped_mm wants rows of
@@ -64,14 +68,14 @@ def test_parity_odd_sizes(arch):
 def test_each_op_alone(arch, op):
     model = tiny_model(arch)
     others = {o: o == op for o in arch.ops()}
-    _check(compare(arch("auto", others), model, tiny_batch(model.config.vocab_size)))
+    _check(compare(arch("auto", others), model, tiny_batch(text_vocab(model.config))))
 
 
 @pytest.mark.parametrize("arch", [Mistral, Gemma2, Gemma3Text], ids=lambda a: a.name)
 def test_sliding_window_is_exercised(arch):
     """The parity batches are longer than the window, and the window changes the numbers."""
     model = tiny_model(arch).eval()
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     assert model.config.sliding_window < batch["input_ids"].shape[1]
     wide = tiny_model(arch, sliding_window=4096).eval()
     inputs = {"input_ids": batch["input_ids"]}
@@ -83,7 +87,7 @@ def test_sliding_window_is_exercised(arch):
 def test_final_logit_softcapping_is_exercised(arch):
     """The cap bends the tiny model's logits, so parity of the loss covers the fused soft-capping."""
     model = tiny_model(arch)
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     uncapped = tiny_model(arch, final_logit_softcapping=None)
     model.train(), uncapped.train()
     with patchkit.patched(arch.name):
@@ -100,7 +104,7 @@ def arch(request):
 @pytest.fixture
 def model_and_batch(arch):
     model = tiny_model(arch)
-    return model, tiny_batch(model.config.vocab_size)
+    return model, tiny_batch(text_vocab(model.config))
 
 
 def _twice(model, fn):
@@ -152,7 +156,7 @@ def test_num_items_in_batch_shift_labels_and_tuples(model_and_batch):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_generation_with_cache_unchanged(arch, batch_size):
     model = tiny_model(arch).eval()
-    batch = tiny_batch(model.config.vocab_size, batch=batch_size, seq=9)
+    batch = tiny_batch(text_vocab(model.config), batch=batch_size, seq=9)
     if batch_size == 1:
         batch["attention_mask"][:] = 1
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -192,10 +196,11 @@ def test_instances_and_peft_wrapped_instances_are_recognised(arch):
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model(arch)
-    assert patchkit.patch(model).architectures == [arch.name]
+    names = [arch.name, *([arch.text_model_type] if arch.text_model_type else [])]  # a wrapper: its language model's
+    assert patchkit.patch(model).architectures == names
     patchkit.unpatch()
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"]))  # every family has an o_proj
-    assert patchkit.patch(wrapped).architectures == [arch.name]
+    assert patchkit.patch(wrapped).architectures == names
     assert patchkit.is_patched(wrapped)
 
 

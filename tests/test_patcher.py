@@ -14,8 +14,10 @@ from patchkit import patcher
 from patchkit.architectures import Llama
 from patchkit.parity import tiny_model
 
-TARGETS = [(M.LlamaRMSNorm, "forward"), (M, "apply_rotary_pos_emb"), (M.LlamaMLP, "forward"),
-           (M.LlamaForCausalLM, "forward")]
+# with Hugging Face `kernels` installed (transformers 5.25+) apply_rotary_pos_emb is a module: its class's forward
+ROPE = ((type(M.apply_rotary_pos_emb), "forward") if isinstance(M.apply_rotary_pos_emb, torch.nn.Module)
+        else (M, "apply_rotary_pos_emb"))
+TARGETS = [(M.LlamaRMSNorm, "forward"), ROPE, (M.LlamaMLP, "forward"), (M.LlamaForCausalLM, "forward")]
 
 
 def _originals():

@@ -11,7 +11,7 @@ import patchkit
 from patchkit import plugins
 from patchkit.architectures import Llama
 
-from .families import NAMES
+from .families import MULTIMODAL, NAMES
 
 
 def _dist(root, name, modules, entry_points):
@@ -71,7 +71,7 @@ def test_entry_points_load_and_a_broken_one_is_reported(site):
     """)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    builtin = NAMES
+    builtin = [*NAMES, *MULTIMODAL]
     assert lines[0] == str(sorted([*builtin, "tinyllama"]))
     assert "ERR broken pk-broken ImportError: boom: missing dependency" in lines
     assert any(line.startswith("ERR clash pk-clash ValueError: architecture 'llama' is already registered")

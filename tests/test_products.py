@@ -7,7 +7,7 @@ import torch
 
 from patchkit import architectures as A
 from patchkit import inference, products
-from patchkit.parity import tiny_model
+from patchkit.parity import tiny_model, text_vocab
 
 COPYING = [name for name in products.available() if products.KERNELS[name][1] is not None]  # mkl, onednn here
 
@@ -107,7 +107,7 @@ def test_project_outside_a_decode_step_transposes_only_where_that_is_faster(rank
 def test_batched_decoding_gives_the_same_logits_with_and_without_copies(ranked):
     ranked((*COPYING, "wxt", "linear"))
     model = tiny_model(A.Llama, hidden_size=128, intermediate_size=256, head_dim=32).eval()  # weights worth timing
-    ids = torch.randint(3, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, text_vocab(model.config), (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     decoding, starved = inference.Decoding.prefill(model, ids, mask, 4), inference.Decoding.prefill(model, ids, mask, 4)

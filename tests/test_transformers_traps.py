@@ -7,13 +7,13 @@ import torch
 
 import patchkit
 from patchkit.architectures import Llama
-from patchkit.parity import tiny_batch, tiny_model
+from patchkit.parity import tiny_batch, tiny_model, text_vocab
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_survives_the_patch(reentrant):
     model = tiny_model(Llama)
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     calls = []
@@ -35,7 +35,7 @@ def test_gradient_checkpointing_survives_the_patch(reentrant):
 
 def test_output_capture_hidden_states_and_attentions():
     model = tiny_model(Llama, attn_implementation="eager").eval()
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     kwargs = dict(output_hidden_states=True, output_attentions=True)
     patchkit.unpatch("llama")
@@ -56,7 +56,7 @@ def test_from_pretrained_while_patched_initialises_buffers(tmp_path):
 
     model = tiny_model(Llama).eval()
     model.save_pretrained(tmp_path)
-    ids = tiny_batch(model.config.vocab_size)["input_ids"]
+    ids = tiny_batch(text_vocab(model.config))["input_ids"]
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     with patchkit.patched("llama"):
@@ -113,40 +113,64 @@ def test_sft_trainer_runs_patched(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+class _RotaryPosEmb(torch.nn.Module):
+    """A function made a module, as Hugging Face `kernels` makes apply_rotary_pos_emb."""
+    function = None
+
+    def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+        return type(self).function(q, k, cos, sin, unsqueeze_dim)
+
+    def __reduce__(self):  # as kernels' function modules do: rebuilt from the module attribute's class
+        import transformers.models.llama.modeling_llama as M
+
+        return type(M.apply_rotary_pos_emb), ()
+
+
 def test_hub_kernel_module_in_place_of_a_function(monkeypatch):
-    """With Hugging Face `kernels` installed, apply_rotary_pos_emb is an nn.Module instance."""
+    """With Hugging Face `kernels` installed (a dependency of transformers 5.25+), apply_rotary_pos_emb is an
+    nn.Module instance, and each attention layer holds private instances of its class, pickled by the function's
+    name: the class's forward is patched, so every instance runs the kernel, a model pickled while patched
+    unpickles, and unpatching restores them all."""
+    import inspect
+    import pickle
+
     import transformers.models.llama.modeling_llama as M
 
-    function = M.apply_rotary_pos_emb
-
-    class RotaryPosEmb(torch.nn.Module):
-        def forward(self, q, k, cos, sin, unsqueeze_dim=1):
-            return function(q, k, cos, sin, unsqueeze_dim)
-
-    layer = RotaryPosEmb()
-    monkeypatch.setattr(M, "apply_rotary_pos_emb", layer)
+    if not isinstance(M.apply_rotary_pos_emb, torch.nn.Module):  # `kernels` not installed: made one as it would
+        monkeypatch.setattr(_RotaryPosEmb, "function", staticmethod(M.apply_rotary_pos_emb))
+        monkeypatch.setattr(M, "apply_rotary_pos_emb", _RotaryPosEmb())
+    layer = M.apply_rotary_pos_emb
+    cls, original = type(layer), vars(type(layer))["forward"]
     model = tiny_model(Llama)
+    attention = model.model.layers[0].self_attn
+    attention.__dict__.setdefault("_kernel_funcs", {})["private"] = cls()  # as kernels' use_kernelized_func does
     with patchkit.patched("llama"):
-        assert M.apply_rotary_pos_emb is not layer and "unsqueeze_dim" in str(
-            __import__("inspect").signature(M.apply_rotary_pos_emb))
+        assert M.apply_rotary_pos_emb is layer and cls.forward.__patchkit__ == ("llama", "rope")
+        assert "unsqueeze_dim" in str(inspect.signature(cls.forward))
+        twin = pickle.loads(pickle.dumps(model))
+        assert type(twin.model.layers[0].self_attn._kernel_funcs["private"]) is cls
         from patchkit.parity import compare
-        assert compare(Llama(), model, tiny_batch(model.config.vocab_size)).ok
-    assert M.apply_rotary_pos_emb is layer
+        assert compare(Llama(), model, tiny_batch(text_vocab(model.config))).ok
+    assert M.apply_rotary_pos_emb is layer and vars(cls)["forward"] is original
 
 
 def test_transformers_probe_for_hub_kernels_does_not_load_patchkit_kernels_twice():
     """From a checkout's root, `kernels/` is also a top-level `kernels` package, and transformers imports `kernels` to
-    probe for Hugging Face's kernel hub. A second copy of patchkit's kernels would define its `torch.library` ops
-    again, overwriting the first registration under the live op objects (seen: random `vector::reserve` errors)."""
+    probe for Hugging Face's kernel hub, and from 5.25 on imports it (CI: every test module failed to collect). A
+    second copy of patchkit's kernels would define its `torch.library` ops again, overwriting the first registration
+    under the live op objects (seen: random `vector::reserve` errors)."""
     import pathlib
     import subprocess
     import sys
 
     root = pathlib.Path(patchkit.__file__).resolve().parent.parent
-    code = ("import sys, patchkit, torch\n"
+    code = ("import os, sys, patchkit, torch\n"
+            "import transformers.modeling_utils  # imports Hugging Face's kernels where installed (5.25+)\n"
             "from transformers.utils.import_utils import is_kernels_available\n"
             "import kernels\n"
             "assert not hasattr(kernels, 'TORCH'), 'a second copy of patchkit.kernels'\n"
-            "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules imported twice'\n"
+            "mine = os.path.join(os.getcwd(), 'kernels')\n"
+            "assert not [m for m, v in sys.modules.items() if m.startswith('kernels.')\n"
+            "            and (getattr(v, '__file__', None) or '').startswith(mine)], 'kernel modules imported twice'\n"
             "assert not is_kernels_available() or hasattr(kernels, 'kernelize')\n")
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)

@@ -12,7 +12,7 @@ import torch
 import patchkit
 from patchkit import kernels
 from patchkit.architectures import Llama
-from patchkit.parity import compare, tiny_batch, tiny_model
+from patchkit.parity import compare, tiny_batch, tiny_model, text_vocab
 from patchkit.plugins import manager
 
 from . import test_kernels
@@ -31,7 +31,7 @@ def test_tests_run_the_interpreter():
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in ("llama", "phi3")], ids=lambda a: a.name)
 def test_model_runs_end_to_end_on_triton_and_matches(arch):
     model = tiny_model(arch)
-    result = compare(arch("triton"), model, tiny_batch(model.config.vocab_size))
+    result = compare(arch("triton"), model, tiny_batch(text_vocab(model.config)))
     assert result.ok and result.backend == "triton", result.table()
 
 
@@ -39,7 +39,7 @@ def test_bf16_model_on_triton_matches():
     model = tiny_model(Llama)
     # a small batch (its prompts still longer than decode_masks pads): the interpreter runs every program in Python
     # (8 minutes at the default 3 x 19 on a 2-core VM)
-    result = compare(Llama("triton"), model, tiny_batch(model.config.vocab_size, batch=2, seq=14), torch.bfloat16)
+    result = compare(Llama("triton"), model, tiny_batch(text_vocab(model.config), batch=2, seq=14), torch.bfloat16)
     assert result.ok, result.table()
 
 

@@ -26,8 +26,8 @@ import torch
 
 import patchkit
 from patchkit import toy
-from patchkit.architectures import Gemma, Llama, Qwen3, Qwen3Moe
-from patchkit.parity import tiny_model
+from patchkit.architectures import Gemma, Llama, Qwen2_5_VL, Qwen3, Qwen3Moe
+from patchkit.parity import text_vocab, tiny_model
 
 for _package in ("trl", "peft", "datasets"):
     pytest.importorskip(_package)
@@ -79,6 +79,9 @@ CASES = [
     Case("sft-qwen3-packing-lora_config", arch=Qwen3, lora="peft_config", args=PACKED, check=_several_docs_per_row),
     Case("sft-qwen3_moe-packing-lora_config", arch=Qwen3Moe, lora="peft_config", args=PACKED, dense_lora=False,
          check=lambda t: _several_docs_per_row(t) and t.aux_loss_enabled),
+    # a vision-language model's language model, on text (its image tokens stay out of the toy vocabulary)
+    Case("sft-qwen2_5_vl-packing-lora_config", arch=Qwen2_5_VL, lora="peft_config", args=PACKED,
+         check=_several_docs_per_row),
     Case("sft-gemma-packing-lora_config-grad_accum", arch=Gemma, lora="peft_config", args=PACKED | GRAD_ACCUM,
          check=_several_docs_per_row),
     Case("hf_trainer-padded-grad_accum-full", trainer="hf", args=GRAD_ACCUM),
@@ -91,9 +94,9 @@ ARGS = dict(per_device_train_batch_size=4, logging_steps=1, report_to="none", sa
             bf16=False, gradient_checkpointing=False)  # SFTConfig turns bf16 and checkpointing on by default
 
 
-def _dataset(case):
+def _dataset(case, vocab):
     if case.data == "documents":  # varied lengths: several packed to a row, or padded
-        return toy.documents(48, 211, 40, min_len=6), toy.word_tokenizer(211)
+        return toy.documents(48, vocab, 40, min_len=6), toy.word_tokenizer(vocab)
     return toy.arithmetic(48, prompt_completion=case.data == "prompt_completion"), toy.chat_tokenizer()
 
 
@@ -142,7 +145,8 @@ class Recorder(TrainerCallback):
                 layer._gradient_checkpointing_func = partial(self._checkpoint, _inner=inner)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                           if p.requires_grad and p.grad is not None})  # a vision tower on text: none
 
 
 def _train(case: Case, output_dir: str, patched: bool) -> dict[str, Any]:
@@ -150,7 +154,7 @@ def _train(case: Case, output_dir: str, patched: bool) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     model = tiny_model(case.arch)
-    dataset, tokenizer = _dataset(case)
+    dataset, tokenizer = _dataset(case, text_vocab(model.config))
     torch.manual_seed(0)  # LoRA's A matrices come from the global generator
     if case.lora == "wrapped":
         model = _lora(model)
@@ -171,7 +175,7 @@ def _train(case: Case, output_dir: str, patched: bool) -> dict[str, Any]:
     return dict(logs=[h for h in trainer.state.log_history if "loss" in h], grads=recorder.grads,
                 params={n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad},
                 checkpoint_calls=recorder.checkpoint_calls, kernel_calls=kernel_calls,
-                layers=trainer.model.config.num_hidden_layers)
+                layers=trainer.model.config.get_text_config().num_hidden_layers)
 
 
 def _rel(have, want) -> float:
@@ -205,7 +209,9 @@ def test_patched_training_matches_unpatched(case, tmp_path):
     assert calls.get(head) == micro_steps, calls
     if case.lora and case.dense_lora:
         assert calls.get("lora_linear", 0) > 0 and calls.get("lora_mlp", 0) > 0, calls
-        assert len(got["params"]) == 2 * len(LORA_TARGETS) * got["layers"]
+        vision = ("vision_tower", "visual")  # a vision-language model's tower has projections of those names too
+        text = [n for n in got["params"] if not any(v in n for v in vision)]
+        assert len(text) == 2 * len(LORA_TARGETS) * got["layers"]
     elif case.lora:
         assert calls.get("lora_linear", 0) > 0 and any(".experts." in n for n in got["params"]), calls
         assert all(".lora_A." in n or ".lora_B." in n for n in got["params"])

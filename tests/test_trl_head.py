@@ -10,7 +10,7 @@ from trl.kernels import ChunkedLogProbFunction
 
 import patchkit
 from patchkit.kernels import log_probs
-from patchkit.parity import tiny_batch, tiny_model
+from patchkit.parity import tiny_batch, tiny_model, text_vocab
 
 OUTPUTS = ("log_probs", "entropy", "is_top1")
 
@@ -76,7 +76,7 @@ def test_trainer_head_follows_patch_and_unpatch(tmp_path, monkeypatch):
         trainer = SFTTrainer(model=model, args=args, train_dataset=documents(4, 211, 40),
                              processing_class=word_tokenizer(211))
         model = trainer.model
-        batch = tiny_batch(model.config.vocab_size)
+        batch = tiny_batch(text_vocab(model.config))
         model.train()
         patched = model(**batch, fused_lm_head=True)
         assert calls == {"patchkit": 1, "trl": 0}
@@ -86,7 +86,7 @@ def test_trainer_head_follows_patch_and_unpatch(tmp_path, monkeypatch):
         torch.testing.assert_close(getattr(patched, field), getattr(unpatched, field), rtol=1e-5, atol=1e-6)
     assert torch.equal(patched.is_top1, unpatched.is_top1) and torch.equal(patched.label_mask, unpatched.label_mask)
     eval_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # other calls: the class forward
-    assert eval_logits.shape[-1] == model.config.vocab_size
+    assert eval_logits.shape[-1] == text_vocab(model.config)
 
 
 def test_options_patchkit_does_not_compute_stay_with_trl():

@@ -9,7 +9,7 @@ import patchkit
 from patchkit import kernels as K
 from patchkit.architecture import camel_case
 from patchkit.architectures import Granite, Llama, Phi3, Qwen2, Qwen3
-from patchkit.parity import tiny_batch, tiny_model, verify_one
+from patchkit.parity import tiny_batch, tiny_model, verify_one, text_vocab
 
 
 def _failed(result, prefix):
@@ -149,7 +149,7 @@ class _Plugin:
 def test_the_output_class_and_extra_loss_terms_are_kept(register_plugin):
     register_plugin(_Plugin(), name="qwen3-moe-outputs")
     model = tiny_model(Qwen3Moe).train()
-    batch = tiny_batch(model.config.vocab_size)
+    batch = tiny_batch(text_vocab(model.config))
     ref = model(**batch)
     ref.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -167,13 +167,22 @@ def test_the_output_class_and_extra_loss_terms_are_kept(register_plugin):
         assert (model.get_parameter(name).grad - g).abs().max() <= 1e-4 * g.abs().max(), name
 
 
-@pytest.mark.parametrize("wrapper,text,family", [("Mistral3Config", "ministral", "ministral"),
-                                                 ("LlavaConfig", "qwen2", "qwen2"), ("LlavaConfig", "olmo2", "olmo2")])
-def test_multimodal_wrappers_resolve_to_their_text_family(wrapper, text, family):
+@pytest.mark.parametrize("wrapper,text,families", [("Mistral3Config", "ministral", ["mistral3", "ministral"]),
+                                                   ("LlavaConfig", "qwen2", ["llava", "qwen2"]),
+                                                   ("LlavaConfig", "olmo2", ["llava", "olmo2"]),
+                                                   ("Gemma3Config", "gemma3_text", ["gemma3_text"]),
+                                                   ("Qwen3VLConfig", "qwen3_vl_text", ["qwen3_vl"])])
+def test_multimodal_wrappers_resolve_to_themselves_and_their_text_family(wrapper, text, families):
     import transformers
 
     config = getattr(transformers, wrapper)(text_config={"model_type": text})
-    assert patchkit._resolve(config)[0].name == family
+    assert [a.name for a in patchkit._resolve(config)] == families
+
+
+def test_a_wrapper_patched_by_name_brings_its_usual_language_model():
+    assert [a.name for a in patchkit._resolve("llava")] == ["llava", "llama"]
+    assert [a.name for a in patchkit._resolve("mistral3")] == ["mistral3", "mistral"]
+    assert [a.name for a in patchkit._resolve("gemma3")] == ["gemma3_text"]
 
 
 def test_trls_head_is_answered_only_where_the_family_applies_the_logit_scale():
