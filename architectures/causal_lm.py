@@ -12,7 +12,6 @@ What a family changes here it states as `Llama` seams, never by restating this f
 
 from __future__ import annotations
 
-import functools
 import inspect
 import typing
 
@@ -36,9 +35,14 @@ def output_class(original):
     return CausalLMOutputWithPast
 
 
-@functools.cache
+_TAKES_LABELS: dict[type, bool] = {}  # a plain dict: compiled forwards read it (dynamo ignores functools caches)
+
+
 def _takes_labels(backbone: type) -> bool:
-    return "labels" in inspect.signature(backbone.forward).parameters
+    takes = _TAKES_LABELS.get(backbone)
+    if takes is None:
+        takes = _TAKES_LABELS[backbone] = "labels" in inspect.signature(backbone.forward).parameters
+    return takes
 
 
 def fused_forward(arch, original):

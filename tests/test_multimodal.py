@@ -160,3 +160,74 @@ def test_gradient_checkpointing_with_images_recomputes_and_matches(case):
     assert len(calls) == 2  # checkpointed unpatched and patched: the patch did not lose it
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     _assert_grads(grads, ref_grads)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=i, marks=[] if i == "llava" else pytest.mark.slow)
+                                  for c, i in zip(CASES, IDS)])  # dynamo's explain, twice: slow but for one
+def test_compiles_with_no_more_graph_breaks_than_unpatched(case):
+    """transformers' image merging syncs with the host (graph breaks unpatched); patchkit adds none."""
+    model = _model(case).train()
+    batch = _images(model)
+
+    def breaks():
+        torch._dynamo.reset()
+        return torch._dynamo.explain(lambda **b: model(**b).loss)(**batch).graph_break_count
+
+    unpatched = breaks()
+    with patchkit.patched(model):
+        assert breaks() <= unpatched
+
+
+def test_compiled_training_with_images_matches_eager_unpatched():
+    model = _model(("llava", 0)).train()
+    batch = _images(model)
+    ref, ref_grads = _step(model, batch)
+    torch._dynamo.reset()
+    with patchkit.patched(model):
+        out, grads = _step(torch.compile(model, backend="aot_eager"), batch)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    grads = {n.removeprefix("_orig_mod."): g for n, g in grads.items()}
+    unused = {n: grads.pop(n) for n in set(grads) - set(ref_grads)}  # LLaVA's last vision layer: zeros compiled
+    assert all(not g.any() for g in unused.values())
+    _assert_grads(grads, ref_grads)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Rows of one image each, as a vision-language collator gives them (pixel values per row)."""
+
+    def __init__(self, model, rows=8):
+        batch = with_images(model.config, tiny_batch(text_vocab(model.config), batch=rows, seed=5))
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(rows)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _trainer_run(model, patched, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1,
+                             report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Images(model))
+    with patchkit.patched(model) if patched else torch.enable_grad(), K.serving() as served:
+        trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], served
+
+
+def test_trainer_with_images_and_gradient_accumulation_matches_unpatched(tmp_path):
+    """transformers' Trainer over rows with images (Gemma 3, its pixel values stacked per row), two micro-batches
+    per step: the losses it logs and the weights it ends with, patched as unpatched."""
+    import copy
+
+    model = _model(("gemma3_text", 1))
+    twin = copy.deepcopy(model)
+    want, _ = _trainer_run(model, False, tmp_path / "unpatched")
+    got, served = _trainer_run(twin, True, tmp_path / "patched")
+    assert served.kernels["fused_linear_cross_entropy"] == 6  # three steps of two micro-batches
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p - q).abs().max() <= 1e-4 * p.abs().max() + 1e-6, name

@@ -3,7 +3,7 @@
 On a GPU: unfused PyTorch ops vs patchkit's torch and triton providers vs liger-kernel.
 On CPU: unfused PyTorch ops vs the torch provider.
 
-    python benchmarks/kernels.py [--device cuda] [--dtype bfloat16] [--rounds 5] [--json out.json]
+    python benchmarks/kernel_ops.py [--device cuda] [--dtype bfloat16] [--rounds 5] [--json out.json]
 """
 
 import sys
