@@ -17,6 +17,8 @@
 
 from typing import ClassVar
 
+from patchkit.vision import vision_language
+
 from .llama import LAYER_TYPE_TINY_ROPE, Llama, layer_type_rope
 
 
@@ -61,4 +63,4 @@ class Gemma3Text(Gemma2):
                                            "image_size": 16, "patch_size": 4}}
 
     def logit_softcap(self, lm):  # transformers soft-caps Gemma 3's text-only model, not the vision-language one
-        return None if type(lm).__name__.endswith("ForConditionalGeneration") else super().logit_softcap(lm)
+        return None if vision_language(lm.config) else super().logit_softcap(lm)

@@ -24,7 +24,7 @@ import torch
 import patchkit
 
 from .parity import text_vocab
-from .vision import with_images
+from .vision import vision_language, with_images
 
 TRAIN = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=128256, max_position_embeddings=2048)
@@ -74,7 +74,7 @@ def model_for(arch: str, dims: dict):
 
     family = _resolve(arch)[0]
     model_class = family.model_class()
-    multimodal = model_class.__name__.endswith("ForConditionalGeneration")
+    multimodal = vision_language(model_class.config_class)
     text_class = type(model_class.config_class().text_config) if multimodal else family.config_type()
     sparse = any(hasattr(text_class(), key) for key in ("num_experts", "num_local_experts"))
     head_dim = dims["hidden_size"] // dims["num_attention_heads"]
@@ -110,7 +110,7 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, text_vocab(model.config), (batch, seq))
     inputs = {"input_ids": ids, "labels": ids}
-    if hasattr(model.config, "vision_config"):
+    if vision_language(model.config):
         inputs = with_images(model.config, {**inputs, "attention_mask": torch.ones_like(ids)})
     tokens = ids.numel()
     n_params = sum(p.numel() for p in model.parameters())

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .inference import ATTENTION, Decoding, architecture_of, cache_of
+from .vision import vision_language
 
 log = logging.getLogger("patchkit")
 # what `generate` passes `_sample` besides its own arguments that the loop knows (the tokenizer is for stop strings,
@@ -90,7 +91,7 @@ def unserved(model, config, synced_gpus: bool, model_kwargs: dict) -> str | None
         return "an assistant model's candidate generation"
     if not model_kwargs.get("use_cache", True):
         return "use_cache=False"
-    vision = hasattr(model.config, "vision_config")
+    vision = vision_language(model.config)
     known = MODEL_INPUTS | PREFILL_INPUTS if vision else MODEL_INPUTS
     extra = sorted(k for k, v in model_kwargs.items() if k not in known and v is not None)
     if extra:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import patcher
+from .vision import vision_language
 from .architecture import Architecture
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
@@ -86,7 +87,7 @@ def tiny_config(arch: type[Architecture], *, head: int = 0, **overrides: Any):
         for key in ("short_factor", "long_factor"):
             rope[key] = [rope[key][i % len(rope[key])] for i in range(width)]
     model_class = arch.model_class(head=head)
-    if model_class.__name__.endswith("ForConditionalGeneration"):
+    if vision_language(model_class.config_class):
         values = {**copy.deepcopy(arch.tiny_multimodal), "text_config": values,
                   "tie_word_embeddings": values["tie_word_embeddings"]}
         return model_class.config_class(**values)
@@ -348,7 +349,7 @@ def verify_one(arch_cls: type[Architecture], *, backend: str = "auto", dtype: to
 
 def text_vocab(config) -> int:
     """The ids a tiny batch draws from: the text vocabulary, below a vision-language model's image tokens."""
-    if not hasattr(config, "vision_config"):
+    if not vision_language(config):
         return config.vocab_size
     special = [v for k, v in config.to_dict().items() if k.endswith(("token_id", "token_index")) and
                isinstance(v, int) and k not in ("pad_token_id", "bos_token_id", "eos_token_id")]

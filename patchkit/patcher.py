@@ -106,11 +106,18 @@ def _resolve(module, path: str, arch: Architecture, op: str):
         attr = part
     if holder is _MISSING or not hasattr(holder, attr):
         raise _drift(f"{module.__name__}.{path} does not exist", arch, op)
-    if isinstance(getattr(holder, attr), torch.nn.Module):
-        # Hugging Face `kernels` makes a function like apply_rotary_pos_emb a module, and each model holds
-        # private instances of its class (pickled by the name): the class's forward is what gets replaced
-        return type(getattr(holder, attr)), "forward"
+    function_module = _function_module(module, path)
+    if function_module is not None:  # the class's forward is what gets replaced
+        return type(function_module), "forward"
     return holder, attr
+
+
+def _function_module(module, path: str) -> torch.nn.Module | None:
+    """The module standing for the function at `path`, or None: Hugging Face `kernels` makes a function like
+    apply_rotary_pos_emb an `nn.Module` instance, and each model holds private instances of its class (pickled
+    by the name)."""
+    found = None if "." in path else getattr(module, path, None)
+    return found if isinstance(found, torch.nn.Module) else None
 
 
 def _conflicts(arch: Architecture, targets) -> set[str]:
@@ -122,16 +129,17 @@ def _conflicts(arch: Architecture, targets) -> set[str]:
 def make(module, path: str, factory, original):
     """What `factory` makes of `original` (found at `path` by `_resolve`), in the form installed there: where a
     function is a module (see `_resolve`), the factory sees the function and its result becomes the forward."""
-    if "." in path or not isinstance(getattr(module, path), torch.nn.Module):
+    function_module = _function_module(module, path)
+    if function_module is None:
         return factory(original)
-    function = factory(getattr(module, path).forward)
+    function = factory(function_module.forward)
 
     def forward(self, *args, **kwargs):
         return function(*args, **kwargs)
 
-    forward.__signature__ = inspect.signature(function).replace(parameters=[
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        *inspect.signature(function).parameters.values()])
+    signature = inspect.signature(function)
+    forward.__signature__ = signature.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()])
     return forward
 
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 
 
+def vision_language(config_class) -> bool:
+    """Whether models of `config_class` (or of a config instance's class) see images: it declares a vision config."""
+    return "vision_config" in getattr(config_class, "sub_configs", {})
+
+
 def image_inputs(config, rows: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], int]:
     """(the model inputs of `rows` images besides the ids, image tokens per image) for `config`."""
     vision = config.vision_config

@@ -25,6 +25,14 @@ def experts_class(model):
     return next((type(m) for m in model.modules() if type(m).__name__.endswith("Experts")), None)
 
 
+def train_step(model, batch, **kwargs):
+    """One forward and backward of `model` on `batch`: (its output, the gradients it left, by parameter name)."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def spread(names):
     """pytest params: SPREAD's families by default, the others marked slow."""
     import pytest

@@ -12,7 +12,7 @@ from patchkit.generation import generate
 from patchkit.parity import tiny_batch, tiny_model, text_vocab
 from patchkit.plugins import manager
 
-from .families import experts_class
+from .families import experts_class, train_step
 
 MOE = ["qwen3_moe", "mixtral", "olmoe", "granitemoe", "gpt_oss"]
 IMPLEMENTATIONS = ["grouped_mm", "batched_mm", "eager"]
@@ -32,13 +32,6 @@ def _patched_counting_gates(name, model):
             experts._apply_gate = patched_gate
 
 
-def _step(model, batch, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", MOE)
 def test_loss_aux_loss_router_logits_and_gradients_match(name, implementation):
@@ -46,9 +39,9 @@ def test_loss_aux_loss_router_logits_and_gradients_match(name, implementation):
     model.set_experts_implementation(implementation)
     batch = tiny_batch(text_vocab(model.config))
     batch["labels"][0, :4] = -100
-    ref, ref_grads = _step(model, batch, output_router_logits=True)
+    ref, ref_grads = train_step(model, batch, output_router_logits=True)
     with _patched_counting_gates(name, model) as gates:
-        out, grads = _step(model, batch, output_router_logits=True)
+        out, grads = train_step(model, batch, output_router_logits=True)
     assert type(out) is type(ref) and out.logits is None
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
     assert ref.aux_loss is not None
@@ -123,9 +116,9 @@ def test_peft_lora_on_experts_and_projections(name):
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     batch = tiny_batch(text_vocab(model.config))
-    ref, ref_grads = _step(model, batch, output_router_logits=True)
+    ref, ref_grads = train_step(model, batch, output_router_logits=True)
     with _patched_counting_gates(name, model) as gates:
-        out, grads = _step(model, batch, output_router_logits=True)
+        out, grads = train_step(model, batch, output_router_logits=True)
     assert gates and any("experts" in n for n in ref_grads)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
     for n, g in ref_grads.items():

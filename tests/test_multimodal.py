@@ -12,6 +12,8 @@ from patchkit.parity import compare, tiny_batch, tiny_model, text_vocab
 from patchkit.plugins import manager
 from patchkit.vision import with_images
 
+from .families import train_step
+
 # (family, head): Gemma 3's vision-language model is gemma3_text's second head
 CASES = [("gemma3_text", 1), ("llava", 0), ("mistral3", 0), ("qwen2_5_vl", 0), ("qwen3_vl", 0)]
 IDS = ["gemma3", "llava", "mistral3", "qwen2_5_vl", "qwen3_vl"]
@@ -27,13 +29,6 @@ def _images(model, **kw):
     return with_images(model.config, tiny_batch(text_vocab(model.config), **kw))
 
 
-def _step(model, batch, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _assert_grads(got, want):
     assert got.keys() == want.keys()
     for name, g in want.items():
@@ -44,10 +39,10 @@ def _assert_grads(got, want):
 def test_training_with_images_matches_unpatched_without_logits(case):
     model = _model(case).train()
     batch = _images(model)
-    ref, ref_grads = _step(model, batch)
+    ref, ref_grads = train_step(model, batch)
     assert any(part in name for name in ref_grads for part in VISION)  # the vision tower learns from the loss
     with patchkit.patched(model), K.serving() as served:
-        out, grads = _step(model, batch)
+        out, grads = train_step(model, batch)
     assert out.logits is None and served.kernels["fused_linear_cross_entropy"] == 1
     assert served.kernels["rms_norm"] and served.kernels["apply_rope"]  # the language model's ops ran fused
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
@@ -85,9 +80,9 @@ def test_lora_on_the_language_model_with_images(case):
                                                     lora_dropout=0.0, init_lora_weights=False))
     model.train()
     batch = _images(model.base_model.model)
-    ref, ref_grads = _step(model, batch)
+    ref, ref_grads = train_step(model, batch)
     with patchkit.patched(model), K.serving() as served:
-        out, grads = _step(model, batch)
+        out, grads = train_step(model, batch)
     adapted = sum(hasattr(m, "lora_A") for m in model.modules())  # the vision tower's projections of those names too
     assert served.kernels["lora_linear"] == adapted >= 3 * model.config.get_text_config().num_hidden_layers
     assert served.kernels["fused_linear_cross_entropy"] == 1
@@ -139,9 +134,9 @@ def test_a_wrapper_patches_its_language_models_family_and_unpatches_it():
 def test_gemma3_wrapper_does_not_soft_cap_as_transformers_does_not():
     model = _model(("gemma3_text", 1), final_logit_softcapping=0.5).train()
     batch = _images(model)
-    ref, ref_grads = _step(model, batch)
+    ref, ref_grads = train_step(model, batch)
     with patchkit.patched(model):
-        out, grads = _step(model, batch)
+        out, grads = train_step(model, batch)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     _assert_grads(grads, ref_grads)
 
@@ -154,9 +149,9 @@ def test_gradient_checkpointing_with_images_recomputes_and_matches(case):
     layer = model.model.language_model.layers[0]
     calls, inner = [], layer._gradient_checkpointing_func
     layer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or inner(*a, **k)
-    ref, ref_grads = _step(model, batch)
+    ref, ref_grads = train_step(model, batch)
     with patchkit.patched(model):
-        out, grads = _step(model, batch)
+        out, grads = train_step(model, batch)
     assert len(calls) == 2  # checkpointed unpatched and patched: the patch did not lose it
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     _assert_grads(grads, ref_grads)
@@ -181,10 +176,10 @@ def test_compiles_with_no_more_graph_breaks_than_unpatched(case):
 def test_compiled_training_with_images_matches_eager_unpatched():
     model = _model(("llava", 0)).train()
     batch = _images(model)
-    ref, ref_grads = _step(model, batch)
+    ref, ref_grads = train_step(model, batch)
     torch._dynamo.reset()
     with patchkit.patched(model):
-        out, grads = _step(torch.compile(model, backend="aot_eager"), batch)
+        out, grads = train_step(torch.compile(model, backend="aot_eager"), batch)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     grads = {n.removeprefix("_orig_mod."): g for n, g in grads.items()}
     unused = {n: grads.pop(n) for n in set(grads) - set(ref_grads)}  # LLaVA's last vision layer: zeros compiled

@@ -18,7 +18,7 @@ import pytest
 import patchkit
 from patchkit.parity import text_vocab, tiny_config
 from patchkit.plugins import manager
-from patchkit.vision import with_images
+from patchkit.vision import vision_language, with_images
 
 from .families import BUILTIN
 
@@ -71,7 +71,7 @@ MULTIMODAL_SKIPS = {"test_training_gradient_checkpointing": _UNUSED,
 
 
 def head_is_multimodal(arch, head):
-    return arch.model_class(head=head).__name__.endswith("ForConditionalGeneration")
+    return vision_language(arch.model_class(head=head).config_class)
 
 
 def suite(arch, patched: bool, head: int = 0) -> type[unittest.TestCase]:
