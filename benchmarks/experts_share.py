@@ -14,7 +14,7 @@ import time
 import torch
 
 import patchkit
-from patchkit.bench import TRAIN, model_for
+from patchkit.bench.models import TRAIN, model_for
 
 
 def _timed(fn, *args) -> float:

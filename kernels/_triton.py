@@ -28,7 +28,7 @@ INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") not
 def unavailable(device_type: str) -> str | None:
     """Why the triton kernels cannot run on `device_type`, or None when they can."""
     if triton is None:
-        return "backend 'triton' needs the triton package: pip install 'patchkit[triton]'"
+        return "backend 'triton' needs the triton package: pip install 'patchkit-llm[triton]'"
     if device_type == "cuda" or (device_type == "cpu" and INTERPRETED):
         return None
     return (f"backend 'triton' runs on cuda (or on cpu tensors under TRITON_INTERPRET=1, set before importing "

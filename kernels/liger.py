@@ -14,7 +14,7 @@ from .cross_entropy import _flatten
 
 def unavailable(device_type: str) -> str | None:
     if importlib.util.find_spec("liger_kernel") is None:
-        return "backend 'liger' needs liger-kernel: pip install 'patchkit[triton]'"
+        return "backend 'liger' needs liger-kernel: pip install 'patchkit-llm[triton]'"
     if device_type != "cuda":
         return f"backend 'liger' runs on cuda only (liger-kernel has no CPU path), not on {device_type!r}"
     return None

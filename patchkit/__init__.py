@@ -16,12 +16,13 @@ from .generation import for_inference, for_training, generate
 from .architecture import Architecture, replaces
 from .kernels import BackendError, Provider
 from .patcher import PatchError
+from . import plugins
 from .plugins import hookimpl, manager
 
 from . import architectures  # noqa: E402  (callable: `patchkit.architectures()` lists the names)
 
 try:
-    __version__ = version("patchkit")
+    __version__ = version(plugins.DISTRIBUTION)
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 

@@ -51,27 +51,46 @@ def _plugins(args) -> int:
 
 
 def _bench(args) -> int:
-    from patchkit import bench
+    from patchkit.bench import run
 
-    return bench.main([args.scenario, *args.rest])
+    return run.run(args, sys.argv[2:] if args.argv is None else args.argv[1:])
+
+
+class _Version(argparse.Action):
+    """`--version`: the version and the distribution's name (imported only when asked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import patchkit
+        from patchkit.plugins import DISTRIBUTION
+
+        parser.exit(message=f"patchkit {patchkit.__version__} ({DISTRIBUTION})\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchkit", description=__doc__)
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="parity of patched vs unpatched tiny models; exit 1 on a mismatch")
     v.add_argument("arch", nargs="*", help="architecture names or model types (default: all)")
-    v.add_argument("--backend", default="auto")
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "liger"],
+                   help="kernel backend of the patched model (default: auto; triton on a CPU needs TRITON_INTERPRET=1)")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of both models (default: float32)")
     v.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="reference attention implementation")
     v.set_defaults(func=_verify)
     sub.add_parser("list", help="architectures, their ops, and kernel backends").set_defaults(func=_list)
     sub.add_parser("plugins", help="loaded plugins and load errors").set_defaults(func=_plugins)
-    b = sub.add_parser("bench", help="benchmarks (patched vs unpatched, side by side); --quick, --out DIR")
-    b.add_argument("scenario", choices=["train", "sft", "decode", "kernels", "context", "all"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    from patchkit.bench import options
+
+    b = sub.add_parser("bench", help="benchmarks, patched vs unpatched side by side (default: all)",
+                       description=options.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_arguments(b)
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except Exception as err:  # a clear one-line error for the user, not a traceback

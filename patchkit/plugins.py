@@ -21,6 +21,7 @@ from .architecture import Architecture
 
 log = logging.getLogger("patchkit")
 hookimpl = pluggy.HookimplMarker("patchkit")
+DISTRIBUTION = "patchkit-llm"  # on the package index; its `patchkit` is another project (the import name stays)
 BUILTINS = ("patchkit.architectures", "patchkit.kernels.providers")
 
 
@@ -54,7 +55,7 @@ class Plugins:
         self.providers: dict = {}
         for name in BUILTINS:
             self.pm.register(importlib.import_module(name), name=name)
-            self.info[name] = PluginInfo(name, "patchkit", _version("patchkit"))
+            self.info[name] = PluginInfo(name, DISTRIBUTION, _version(DISTRIBUTION))
         if autoload is None:
             autoload = os.environ.get("PATCHKIT_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
         if autoload:

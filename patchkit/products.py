@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .system import proc_field
+
 _ranked: dict[tuple, tuple[str, ...]] = {}  # (out, in, rows, bias, threads) -> kernels, fastest first
 
 
@@ -128,15 +130,6 @@ class Products(dict):
                 choice = functools.partial(KERNELS[name][0], copy_for(name, weight, self.rows))
         self[linear] = choice
         return choice
-
-
-def proc_field(path: str, key: str) -> str | None:
-    """The value of `key:` in a Linux /proc file such as /proc/meminfo, or None where there is none."""
-    try:
-        with open(path) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
-    except OSError:
-        return None
 
 
 def _available_memory() -> int:

@@ -6,6 +6,8 @@
 - `arithmetic(n)`: conversations "12+7=" -> "19", a task a tiny model learns in a few hundred steps;
   `arithmetic(n, prompt_completion=True)` gives the same as prompt/completion pairs.
 - `documents(n, vocab_size, max_len)`: pre-tokenized random documents of 32..max_len tokens.
+- `model(family, tokenizer)`: a tiny random `*ForCausalLM` of a registered family, sized for the tokenizer:
+  what the docs' snippets train where a real run loads one with `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -75,3 +77,15 @@ def documents(n: int, vocab_size: int, max_len: int, *, seed: int = 0, min_len: 
     rng = random.Random(seed)
     lengths = [rng.randint(min_len, max_len) for _ in range(n)]
     return Dataset.from_list([{"input_ids": [rng.randrange(3, vocab_size) for _ in range(k)]} for k in lengths])
+
+
+def model(family: str = "llama", tokenizer=None, **config):
+    """A tiny random model of `family` (a few hundred thousand parameters, random weights), its vocabulary and
+    special tokens `tokenizer`'s; `config` overrides any setting."""
+    import patchkit
+    from patchkit.parity import tiny_model
+
+    if tokenizer is not None:
+        config = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None, **config}
+    return tiny_model(patchkit._resolve(family)[0], **config)

@@ -1,5 +1,6 @@
 """House rules that keep the code small: no family repeats another's code, no module grows past ~400 lines."""
 
+import ast
 import io
 import re
 import tokenize
@@ -43,5 +44,39 @@ def test_the_check_itself_finds_a_copied_block(tmp_path):
 
 def test_no_module_over_400_lines():
     for folder in ("patchkit", "architectures", "kernels"):
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             assert len(path.read_text().splitlines()) <= 400, path
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The modules of `package` that `path` imports anywhere in it (function-level imports too)."""
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = here.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found |= {module, *(f"{module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.startswith(package + ".") and (ROOT / (m.replace(".", "/") + ".py")).exists()}
+
+
+def test_the_benchmarks_import_no_module_of_theirs_in_a_circle():
+    """patchkit/bench: every import, lazy ones too, goes one way (options, stats, machine, models, the scenarios,
+    run, the package), so no module needs a function-level import to dodge a cycle."""
+    bench = ROOT / "patchkit" / "bench"
+    graph = {f"patchkit.bench.{p.stem}": _imports(p, "patchkit.bench") for p in bench.glob("*.py")}
+    assert len(graph) >= 9 and graph["patchkit.bench.run"] >= {"patchkit.bench.train", "patchkit.bench.sft"}
+    done: set[str] = set()
+
+    def visit(module, path):
+        assert module not in path, " -> ".join([*path, module])
+        if module not in done:
+            for nxt in graph.get(module, ()):
+                visit(nxt, [*path, module])
+            done.add(module)
+
+    for module in graph:
+        visit(module, [])

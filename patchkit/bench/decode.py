@@ -19,13 +19,14 @@ fastest of 5, at the start and at the end of the run) divided by the bytes of we
 from __future__ import annotations
 
 import contextlib
-import statistics
-import sys
 import time
 
 import torch
 
 import patchkit
+
+from .models import model_for
+from .stats import medians, ratio
 
 SIZES = {
     "20M": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -39,8 +40,6 @@ VARIANTS = ("unpatched", "unpatched static cache", "patched model.generate", "fo
 
 
 def _model(size: str, arch: str = "llama"):
-    from patchkit.bench import model_for
-
     name, model = model_for(arch, {"vocab_size": VOCAB, "max_position_embeddings": 1024, **SIZES[size]})
     return name, model.eval()
 
@@ -113,10 +112,11 @@ def run(sizes=("20M", "125M"), batches=(1, 8), new: int = 128, rounds: int = 3, 
                 if progress:
                     progress(f"{size} batch {batch} round {round_ + 1}/{rounds}: " + ", ".join(
                         f"{v} {s[-1]:.0f}" for v, s in speeds.items()) + " tok/s")
-            tok_s = {v: statistics.median(s) for v, s in speeds.items()}
+            tok_s = medians(speeds)
+            samples = tok_s.pop("samples")
             summary["rows"].append({"arch": name, "size": size, "params": params, "batch": batch,
-                                    "weight_mb_per_token": read / 1e6, "tok_s": tok_s,
-                                    "vs_unpatched": {v: s / tok_s["unpatched"] for v, s in tok_s.items()}
+                                    "weight_mb_per_token": read / 1e6, "tok_s": tok_s, "samples": samples,
+                                    "vs_unpatched": {v: ratio(samples["unpatched"], samples[v])["ratio"] for v in tok_s}
                                     if "unpatched" in tok_s else {}})
         del model
     summary["stream_read_gb_s"] = max(bandwidth, stream_read_bytes_per_s()) / 1e9
@@ -141,7 +141,3 @@ def report(summary: dict) -> str:
                  "read rate / weight bytes per token")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    summary = run(progress=lambda line: print(line, file=sys.stderr))
-    print(report(summary))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import time
 
 import torch
@@ -19,14 +18,16 @@ from transformers import TrainerCallback
 
 import patchkit
 
+from ..system import reset_peak, status_bytes
+from .machine import matmul_flops
+from .models import LORA_TARGETS, model_for
+from .stats import cell, medians, ratio
+
 MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=128256, max_position_embeddings=2048)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model(state, lora: bool, dims: dict = MODEL, arch: str = "llama"):
-    from patchkit.bench import model_for
-
     model = model_for(arch, dims)[1]
     model.load_state_dict(state)
     if not lora:
@@ -44,24 +45,19 @@ class _Timer(TrainerCallback):
         self.record, self.start = record, None
 
     def on_step_begin(self, args, state, control, **kw):
-        from patchkit.bench import _reset_peak
-
-        _reset_peak()
+        reset_peak()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        from patchkit.bench import _status
-
-        if state.global_step > 1:
+        if state.global_step > 1 and self.record is not None:
             self.record["s"].append(time.perf_counter() - self.start)
-            self.record["peak"].append(_status("VmHWM"))
+            self.record["peak"].append(status_bytes("VmHWM"))
 
 
 def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenarios=("lora", "full"),
         dims: dict = MODEL, arch: str = "llama", progress=None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from patchkit.bench import _matmul_flops, model_for
     from patchkit.toy import documents, word_tokenizer
 
     torch.manual_seed(0)
@@ -76,11 +72,11 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     for scenario in scenarios:
         results = {v: {"s": [], "peak": [], "tokens": []} for v in ("unpatched", "patched")}
         order = ["unpatched", "patched"]
-        for round_ in range(rounds):
-            for variant in order if round_ % 2 == 0 else order[::-1]:
-                record = results[variant]
+        for round_ in range(-1, rounds):  # round -1 warms up (first calls, allocator): one step each, not recorded
+            for variant in order if round_ % 2 else order[::-1]:
+                record = results[variant] if round_ >= 0 else None
                 with patchkit.patched(arch) if variant == "patched" else contextlib.nullcontext():
-                    args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1,
+                    args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1 if record else 2,
                                      per_device_train_batch_size=batch, packing=True, max_length=seq,
                                      learning_rate=1e-4, logging_strategy="no", report_to="none", save_strategy="no",
                                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
@@ -88,21 +84,22 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                     trainer = SFTTrainer(model=_model(state, scenario == "lora", dims, arch), args=args,
                                          train_dataset=data, processing_class=tokenizer, callbacks=[_Timer(record)])
                     collate = trainer.data_collator
-                    trainer.data_collator = lambda rows, _c=collate, _r=record: _count(_c(rows), _r)
+                    trainer.data_collator = lambda rows, _c=collate, _r=record or {}: _count(_c(rows), _r)
                     trainer.train()
                     del trainer
-                if progress:
+                if progress and record:
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
         if "attention" not in summary:
             summary["attention"] = attention_profile(state, results["unpatched"]["batch"], dims=dims,
                                                      arch=arch)
         summary[scenario] = _summarise(results, matmul_params, config, seq, scenario == "lora")
-    summary["matmul_gflops"] = _matmul_flops() / 1e9
+    summary["matmul_gflops"] = matmul_flops() / 1e9
     for scenario in scenarios:
         for variant in ("unpatched", "patched"):
             r = summary[scenario][variant]
-            r["mfu"] = r["flops_per_s"] / (summary["matmul_gflops"] * 1e9)
+            r["samples"]["mfu"] = [f / (summary["matmul_gflops"] * 1e9) for f in r["samples"]["flops_per_s"]]
+            r["mfu"] = statistics.median(r["samples"]["mfu"])
     return summary
 
 
@@ -138,11 +135,15 @@ def _summarise(results, matmul_params, config, seq, lora):
     out = {}
     for variant, r in results.items():
         r.pop("batch", None)
-        s, tokens = statistics.median(r["s"]), statistics.mean(r["tokens"])
-        out[variant] = {"s_per_step": s, "steps_per_s": 1 / s, "tokens_per_step": tokens, "tokens_per_s": tokens / s,
-                        "flops_per_s": per_token * tokens / s, "peak_gib": statistics.median(r["peak"]) / 2**30}
-    out["speedup"] = out["patched"]["steps_per_s"] / out["unpatched"]["steps_per_s"]
-    out["memory_ratio"] = out["patched"]["peak_gib"] / out["unpatched"]["peak_gib"]
+        tokens = statistics.mean(r["tokens"])
+        out[variant] = medians({"s_per_step": r["s"], "steps_per_s": [1 / s for s in r["s"]],
+                                "tokens_per_s": [tokens / s for s in r["s"]],
+                                "flops_per_s": [per_token * tokens / s for s in r["s"]],
+                                "peak_gib": [b / 2**30 for b in r["peak"]]})
+        out[variant]["tokens_per_step"] = tokens
+    u, p = out["unpatched"]["samples"], out["patched"]["samples"]
+    out["speedup"] = ratio(u["steps_per_s"], p["steps_per_s"])["ratio"]
+    out["memory_ratio"] = ratio(u["peak_gib"], p["peak_gib"])["ratio"]
     return out
 
 
@@ -153,13 +154,12 @@ def report(summary: dict) -> str:
     for scenario in ("lora", "full"):
         if scenario not in summary:
             continue
-        r = summary[scenario]
-        u, p = r["unpatched"], r["patched"]
-        lines += [f"| {scenario}: steps/s | {u['steps_per_s']:.3f} | {p['steps_per_s']:.3f} | {r['speedup']:.2f}x |",
-                  f"| {scenario}: tokens/s | {u['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | {r['speedup']:.2f}x |",
-                  f"| {scenario}: MFU vs measured matmul | {u['mfu']:.0%} | {p['mfu']:.0%} | {r['speedup']:.2f}x |",
-                  f"| {scenario}: peak RSS during a step (GiB) | {u['peak_gib']:.2f} | {p['peak_gib']:.2f} | "
-                  f"{r['memory_ratio']:.2f}x |"]
+        u, p = summary[scenario]["unpatched"], summary[scenario]["patched"]
+        for label, key, fmt in (("steps/s", "steps_per_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
+                                ("MFU vs measured matmul", "mfu", "{:.0%}"),
+                                ("peak RSS during a step (GiB)", "peak_gib", "{:.2f}")):
+            lines.append(f"| {scenario}: {label} | {fmt.format(u[key])} | {fmt.format(p[key])} | "
+                         f"{cell(u['samples'][key], p['samples'][key])} |")
     if "attention" in summary:
         a = summary["attention"]
         lines.append(f"| backbone fwd+bwd, packed row of {a['tokens']} tokens in {a['documents']} documents, only "
@@ -168,7 +168,3 @@ def report(summary: dict) -> str:
     lines.append(f"\nmatmul measured in the same run: {summary['matmul_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    summary = run(progress=lambda line: print(line, file=sys.stderr))
-    print(report(summary))

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from ..system import status_bytes
+
 MODEL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=688, vocab_size=128256, max_position_embeddings=1 << 17)
 
@@ -26,13 +28,12 @@ def _probe(variant: str, scenario: str, seq: int, dims: dict) -> dict:
     import torch
 
     import patchkit
-    from patchkit.bench import _status, model_for
+
+    from .models import LORA_TARGETS, model_for
 
     model = model_for("llama", dims)[1]
     if scenario == "lora":
         from peft import LoraConfig, get_peft_model
-
-        from patchkit.bench_sft import LORA_TARGETS
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
     if variant == "patched":
@@ -43,25 +44,17 @@ def _probe(variant: str, scenario: str, seq: int, dims: dict) -> dict:
     start = time.perf_counter()
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    return {"peak": _status("VmHWM"), "seconds": time.perf_counter() - start}
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
+    return {"peak": status_bytes("VmHWM"), "seconds": time.perf_counter() - start}
 
 
 def fits(variant: str, scenario: str, seq: int, cap: int, dims: dict = MODEL) -> dict:
     """Run one probe in a child process, stopped at the cap. {"fits", "peak", "seconds"}."""
     args = json.dumps({"variant": variant, "scenario": scenario, "seq": seq, "dims": dims})
-    child = subprocess.Popen([sys.executable, "-m", "patchkit.bench_context", args], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-m", "patchkit.bench.context", args], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     peak = 0
     while child.poll() is None:
-        peak = max(peak, _rss(child.pid))
+        peak = max(peak, status_bytes("VmRSS", child.pid))
         if peak > cap:
             child.kill()
             child.wait()

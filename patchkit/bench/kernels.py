@@ -7,13 +7,15 @@ Implementations are interleaved per repetition so drift cancels; the median is r
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
 from patchkit import kernels
 from patchkit.kernels import reference
+
+from ..system import reset_peak, status_bytes
+from .stats import medians
 
 # the ops with an unfused reference; the LoRA ops are measured inside `patchkit bench sft`
 BENCHED = tuple(op for op in kernels.OPS if hasattr(reference, op))
@@ -47,18 +49,14 @@ def _peak_reset(device):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    from patchkit.bench import _reset_peak
-
-    return _reset_peak()
+    return reset_peak()
 
 
 def _peak(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    from patchkit.bench import _status
-
-    return _status("VmHWM")
+    return status_bytes("VmHWM")
 
 
 def _implementations(device):
@@ -93,11 +91,10 @@ def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> d
                     times[name].append(time.perf_counter() - start)
                     peaks[name].append(_peak(dev) - before)
                 del out, outs, leaves
-        base = statistics.median(times["unfused"])
-        for name in impls:
-            t = statistics.median(times[name])
-            rows.append({"op": op, "impl": name, "ms": 1e3 * t, "speedup": base / t,
-                         "peak_mib": statistics.median(peaks[name]) / 2**20})
+        figures = {name: medians({"ms": [1e3 * t for t in times[name]], "peak_mib": [b / 2**20 for b in peaks[name]]})
+                   for name in impls}
+        for name, f in figures.items():
+            rows.append({"op": op, "impl": name, **f, "speedup": figures["unfused"]["ms"] / f["ms"]})
     return {"scenario": "kernels", "device": str(dev), "dtype": str(dt).replace("torch.", ""),
             "shapes": dict(zip(("tokens", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab"),
                                SHAPES["cuda" if dev.type == "cuda" else "cpu"])), "rows": rows}
