@@ -66,10 +66,11 @@ class _Version(argparse.Action):
         import patchkit
         from patchkit.plugins import DISTRIBUTION
 
-        parser.exit(message=f"patchkit {patchkit.__version__} ({DISTRIBUTION})\n")
+        print(f"patchkit {patchkit.__version__} ({DISTRIBUTION})")
+        parser.exit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchkit", description=__doc__)
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                        description=options.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_arguments(b)
     b.set_defaults(func=_bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)

@@ -17,9 +17,12 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     from hypothesis import HealthCheck, settings
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+        torch.set_num_threads(1)
+
     quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
     settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=quiet)
-    settings.register_profile("slow", max_examples=300, deadline=None, suppress_health_check=quiet)
+    settings.register_profile("slow", max_examples=300, deadline=None, derandomize=True, suppress_health_check=quiet)
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 

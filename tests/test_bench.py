@@ -57,13 +57,17 @@ def test_headline_rows_carry_the_spread_and_the_plot_draws_it(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
-def test_warnings_name_a_busy_machine_and_a_wide_spread():
+def test_warnings_name_a_busy_machine_and_a_wide_spread(monkeypatch):
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
     quiet = {"loadavg_start": 0.0, "other_processes": 0.01}
     steady = [{"scenario": "train", "arch": "llama", "metric": "tokens/s", "ratio": 1.5, "lo": 1.45, "hi": 1.55,
                "kind": "speed"}]
     assert machine.warnings(quiet, steady) == []
     busy = machine.warnings({"loadavg_start": 0.0, "other_processes": 0.4}, steady)
     assert len(busy) == 1 and "busy" in busy[0] and "40%" in busy[0]
+    after_another_run = {"loadavg_start": 1.8, "other_processes": 0.02}  # the load average lags: measured, idle
+    assert machine.warnings(after_another_run, steady) == []
+    assert "load average 1.8" in machine.warnings({"loadavg_start": 1.8, "other_processes": None}, steady)[0]
     wide = machine.warnings(quiet, [{**steady[0], "lo": 1.0, "hi": 2.0}])
     assert len(wide) == 1 and "1.00x-2.00x" in wide[0] and "--rounds" in wide[0]
 

@@ -57,3 +57,38 @@ def test_errors_are_one_line():
     proc = subprocess.run([sys.executable, "-m", "patchkit", "verify", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("patchkit: error: no patchkit architecture for 'nope'")
+
+
+def test_version_names_the_distribution(capsys):
+    import patchkit
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"patchkit {patchkit.__version__} (patchkit-llm)\n"
+    assert patchkit.__version__ != "0+unknown"  # installed under the distribution name it reports
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from patchkit.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"verify", "list", "plugins", "bench"}
+    for name, sub in [("patchkit", parser), *commands.items()]:
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    bench = {a.dest: a for a in commands["bench"]._actions}
+    assert {"batch", "seq", "rounds", "quick", "out", "arch"} <= bench.keys() and bench["scenario"].default == "all"
+
+
+def test_bench_without_a_scenario_runs_all(monkeypatch):
+    from patchkit.bench import run
+
+    seen = []
+    monkeypatch.setattr(run, "run", lambda args, argv: seen.append((args.scenario, args.quick, argv)) or 0)
+    assert main(["bench", "--quick"]) == 0
+    assert seen == [("all", True, ["--quick"])]

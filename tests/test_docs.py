@@ -32,3 +32,19 @@ def test_the_docs_have_python_blocks_to_run():
 def test_block_runs_as_pasted(code, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, request.node.callspec.id, "exec"), {"__name__": "__main__"})
+
+
+def test_every_install_line_fetches_this_project():
+    """The package index's `patchkit` is another project: ours is `patchkit-llm` (or a local path, `-e .`)."""
+    lines = [line for page in [*PAGES, ROOT / "SECURITY.md", *ROOT.glob("examples/*/README.md")]
+             for line in page.read_text().splitlines() if "pip install" in line]
+    assert len(lines) >= 4
+    for line in lines:
+        for name in re.findall(r"""(?<![\w./-])["']?(patchkit[\w-]*)""", line.split("pip install", 1)[1]):
+            assert name.startswith(("patchkit-llm", "patchkit-helium")), line
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "patchkit-llm"
+    assert all(dep.startswith("patchkit-llm[") for extra in project["optional-dependencies"].values()
+               for dep in extra if dep.startswith("patchkit"))

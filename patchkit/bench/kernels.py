@@ -2,7 +2,8 @@
 
 On CUDA it compares the unfused PyTorch ops (as transformers writes them), patchkit's `torch`
 and `triton` providers and liger-kernel; elsewhere the unfused ops and the `torch` provider.
-Implementations are interleaved per repetition so drift cancels; the median is reported.
+Implementations are interleaved per repetition, their order reversed every other one, so drift and the cost of
+going first cancel; the median is reported.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> d
         times = {name: [] for name in impls}
         peaks = {name: [] for name in impls}
         for rep in range(reps + 1):
-            for name, get in impls.items():
+            for name, get in list(impls.items())[::1 if rep % 2 else -1]:  # ABBA: neither always goes first
                 leaves = [a.detach().requires_grad_() if i < 2 else a for i, a in enumerate(args)]
                 before = _peak_reset(dev)
                 start = time.perf_counter()

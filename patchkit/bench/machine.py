@@ -72,7 +72,7 @@ def warnings(load: dict, table: list[dict], wide: float = 0.25) -> list[str]:
     if load.get("other_processes") is not None and load["other_processes"] > BUSY:
         out.append(f"the machine was busy: other processes used {load['other_processes']:.0%} of its {cores} cores "
                    "during the run; rerun on an idle machine")
-    elif load["loadavg_start"] > 0.5 * cores:
+    elif load.get("other_processes") is None and load["loadavg_start"] > 0.5 * cores:  # no /proc/stat: a guess
         out.append(f"the machine was busy when the run started (load average {load['loadavg_start']:.1f} on "
                    f"{cores} cores); rerun on an idle machine")
     for r in table:

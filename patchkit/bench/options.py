@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", nargs="+", default=["llama"], metavar="FAMILY",
                         help="train, sft, decode: the families to measure, one after another (default: llama)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"small shapes, {QUICK_ROUNDS} rounds each: a few minutes on 2 cores")
+                        help=f"small shapes, {QUICK_ROUNDS} rounds each: about 90 s on 2 cores")
     parser.add_argument("--out", metavar="DIR", help="write bench.json, bench.md and bench.png into DIR")
     parser.add_argument("--json", metavar="PATH", help="also write the whole record as JSON to PATH")
     parser.add_argument("--batch", type=int, default=4, help="train, sft: rows per step (default: 4)")

@@ -130,21 +130,22 @@ def plot(record: dict, path: Path) -> None:
     speed += [{**r, "ratio": 1 / r["ratio"], "lo": 1 / r["hi"], "hi": 1 / r["lo"]}  # a time ratio, inverted
               for r in table if r["kind"] == "time"]
     memory = [r for r in table if r["kind"] == "memory"]
-    titles = ["speed-up (patched / unpatched" + ("; context: length)" if any(r["kind"] == "length" for r in speed)
-                                                 else ")"), "memory (patched / unpatched)"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, max(3.0, 0.38 * max(len(speed), len(memory), 1) + 1.8)))
+    titles = ["speed-up, patched / unpatched" + (" (context: length)" if any(r["kind"] == "length" for r in speed)
+                                                 else ""), "memory, patched / unpatched"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(3.0, 0.38 * max(len(speed), len(memory), 1) + 1.8)))
     for ax, data, name, color in zip(axes, (speed, memory), titles, ("#3a7ca5", "#81a63a")):
-        labels = [r["scenario"] if r["arch"] == "-" else f"{r['arch']} · {r['scenario']}" for r in data]
+        labels = [" · ".join(x for x in (r["arch"], r["scenario"], r["metric"] if r["kind"] == "memory" else "")
+                             if x and x != "-") for r in data]
         values = [r["ratio"] for r in data]
         errors = [[v - r["lo"] for v, r in zip(values, data)], [r["hi"] - v for v, r in zip(values, data)]]
         ax.barh(range(len(data)), values, xerr=errors, color=color, ecolor="black", capsize=3)
         ax.set_yticks(range(len(data)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(name + ", median of rounds, bars: min-max", fontsize=9)
+        ax.set_title(name, fontsize=9)
         for i, r in enumerate(data):
             ax.text(r["hi"], i, f" {r['ratio']:.2f}x", va="center", fontsize=8)
-    fig.suptitle(title(record), fontsize=9)
+    fig.suptitle(f"{title(record)}\nbars: the median of the rounds' ratios; whiskers: their min-max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

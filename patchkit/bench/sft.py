@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 import patchkit
 
@@ -49,7 +49,7 @@ class _Timer(TrainerCallback):
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step > 1 and self.record is not None:
+        if state.global_step > 1:
             self.record["s"].append(time.perf_counter() - self.start)
             self.record["peak"].append(status_bytes("VmHWM"))
 
@@ -74,20 +74,21 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
         order = ["unpatched", "patched"]
         for round_ in range(-1, rounds):  # round -1 warms up (first calls, allocator): one step each, not recorded
             for variant in order if round_ % 2 else order[::-1]:
-                record = results[variant] if round_ >= 0 else None
+                record = results[variant] if round_ >= 0 else {"s": [], "peak": [], "tokens": []}
                 with patchkit.patched(arch) if variant == "patched" else contextlib.nullcontext():
-                    args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1 if record else 2,
+                    args = SFTConfig(output_dir="/tmp/patchkit-bench-sft", max_steps=steps + 1 if round_ >= 0 else 2,
                                      per_device_train_batch_size=batch, packing=True, max_length=seq,
                                      learning_rate=1e-4, logging_strategy="no", report_to="none", save_strategy="no",
                                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
                                      disable_tqdm=True)
                     trainer = SFTTrainer(model=_model(state, scenario == "lora", dims, arch), args=args,
                                          train_dataset=data, processing_class=tokenizer, callbacks=[_Timer(record)])
+                    trainer.remove_callback(PrinterCallback)  # no metrics dict on stdout: the tables are the output
                     collate = trainer.data_collator
-                    trainer.data_collator = lambda rows, _c=collate, _r=record or {}: _count(_c(rows), _r)
+                    trainer.data_collator = lambda rows, _c=collate, _r=record: _count(_c(rows), _r)
                     trainer.train()
                     del trainer
-                if progress and record:
+                if progress and round_ >= 0:
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
         if "attention" not in summary:
