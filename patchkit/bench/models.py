@@ -11,9 +11,10 @@ TRAIN = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_ke
 # mixture-of-experts families at that shape: 8 experts, 2 per token, each half the dense MLP's width (Mixtral's
 # experts are `intermediate_size` wide), every layer sparse
 MOE = dict(num_experts=8, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=704)
+# the projections `sft` and `context` put LoRA adapters on
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # a vision-language model's tower (CLIP-style: 224-pixel images in 14-pixel patches, 256 image tokens), one image
 # per row, its tokens in the text
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224,
               patch_size=14)
 
