@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -87,7 +88,9 @@ def fused_forward(arch, original):
         softcap = arch.logit_softcap(self)
         added, fields = arch.extra_loss(self, outputs, {**inputs, **extra, "labels": labels})
         if fused_lm_head:
-            return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale, fields.get("aux_loss"))
+            options = fused_lm_head if isinstance(fused_lm_head, FusedHead) else FusedHead()
+            return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale, fields.get("aux_loss"),
+                              options)
         from transformers.modeling_utils import slice_logits_to_keep
 
         hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
@@ -105,13 +108,25 @@ def fused_forward(arch, original):
     return forward
 
 
-def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=None, aux_loss=None):
+@dataclass(frozen=True)
+class FusedHead:
+    """The options TRL's `add_fused_lm_head` gave a model; patchkit's head is called with them as `fused_lm_head`
+    (a bare `fused_lm_head=True`: these defaults, the fields SFT reads)."""
+
+    temperature: float = 1.0
+    cast_lm_head_to_fp32: bool = False
+    outputs: tuple[str, ...] = ("log_probs", "entropy", "is_top1")
+
+
+def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=None, aux_loss=None,
+               options: FusedHead = FusedHead()):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul (and
     the logit scale, applied to the counted rows' hidden states). `added` joins the loss (a router's weighted
-    auxiliary loss), `aux_loss` is that loss unweighted, as TRL reports it."""
+    auxiliary loss), `aux_loss` is that loss unweighted, as TRL reports it. The matmuls run in TRL's dtype: float32
+    with `cast_lm_head_to_fp32`, else autocast's, else the hidden states'."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from patchkit.kernels.log_probs import linear_log_probs
+    from patchkit.kernels.log_probs import OUTPUTS, linear_log_probs
 
     shift_labels = loss_kwargs.get("shift_labels")
     if shift_labels is None:
@@ -125,13 +140,16 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
     if scale is not None:
         flat = flat * scale
     device = weight.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype  # as TRL does
+    if options.cast_lm_head_to_fp32:
+        dtype = torch.float32
+    else:
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
     with torch.autocast(device, enabled=False):
-        per_token = linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap, compute_dtype=dtype)
-    log_probs, entropy, top1 = (torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
-                                for t in per_token)
+        per_token = linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap,
+                                     temperature=options.temperature, compute_dtype=dtype, outputs=options.outputs)
+    fields = {name: None if t is None else torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(
+        mask, t) for name, t in zip(OUTPUTS, per_token)}
     num_items = loss_kwargs.get("num_items_in_batch")
-    loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
-    return FusedCausalLMOutput(loss=loss if added is None else loss + added, log_probs=log_probs, entropy=entropy,
-                               log_sum_sq_probs=None, mean_logits=None, is_top1=top1, label_mask=mask,
-                               aux_loss=aux_loss)
+    loss = -fields["log_probs"].sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
+    return FusedCausalLMOutput(loss=loss if added is None else loss + added, label_mask=mask, aux_loss=aux_loss,
+                               **fields)

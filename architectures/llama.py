@@ -11,7 +11,9 @@ Ops and what they replace in `transformers.models.llama.modeling_llama`:
   `patchkit.integrations`), which serves the attention projections
 - `cross_entropy`: `LlamaForCausalLM.forward` -> with labels in training, the backbone plus
   `kernels.fused_linear_cross_entropy` (no logits); otherwise the original forward, untouched
-  (`architectures.causal_lm`).
+  (`architectures.causal_lm`); TRL's fused LM head in every trainer's module, with its options
+- `generate`: TRL GRPO's and RLOO's `unwrap_model_for_generation` -> the same, with `model.generate` running
+  the decode loop inside (`patchkit.generation.lent`; shared by every family)
 
 Below the ops are the seams a family overrides to state a difference (docs/plugins.md lists each with its
 contract): `norm`, `mlp_parts`, `logit_scale`, `extra_loss` in training; `embed`, `decode_rope`, `rotate`,
@@ -49,7 +51,8 @@ class Llama(Architecture):
     norm_offset: ClassVar[float] = 0.0  # RMSNorm multiplies by (offset + weight)
     norm_cast: ClassVar[str] = "llama"  # see kernels.rms_norm
     norm_eps: ClassVar[str] = "variance_epsilon"  # attribute of the norm module holding eps
-    shared_ops: ClassVar[tuple[str, ...]] = ("lora",)  # PEFT's LoRA layer: patchkit.integrations
+    # PEFT's LoRA layer, TRL GRPO's and RLOO's generation through the decode loop: patchkit.integrations
+    shared_ops: ClassVar[tuple[str, ...]] = ("lora", "generate")
     ffn: ClassVar[str] = "mlp"  # the decoder layer's feed-forward module (Granite MoE: `block_sparse_moe`)
 
     def norm(self, module, x):

@@ -54,10 +54,11 @@ def _logits(hc, weight, buffer):
     return torch.mm(hc.to(weight.dtype), weight.t(), out=buffer[: hc.shape[0]])
 
 
-def _softmax(logits, targets, softcap):
-    """Softmax in float32 (in place where safe), per-row lse, per-row loss, argmax, d(capped)/d(raw).
+def _softmax(logits, targets, softcap, inv_t=1.0):
+    """Softmax in float32 (in place where safe), per-row lse, per-row loss, argmax, and d(z)/d(raw) (a tensor, a
+    number, or None for 1) of z = softcap * tanh(raw / softcap) * inv_t (a temperature's inverse).
 
-    The loss is (max - target) + log(sum exp(x - max)), not lse - target: at large logits the
+    The loss is (max - target) + log(sum exp(z - max)), not lse - target: at large logits the
     latter cancels two nearly equal numbers."""
     logits = logits.float() if logits.dtype != torch.float32 else logits
     dcap = None
@@ -65,6 +66,9 @@ def _softmax(logits, targets, softcap):
         tanh = logits.div_(softcap).tanh_()
         logits = tanh * softcap
         dcap = tanh.square_().neg_().add_(1)
+    if inv_t != 1.0:
+        logits = logits.mul_(inv_t)
+        dcap = inv_t if dcap is None else dcap.mul_(inv_t)
     top_logit, top = logits.max(-1)
     below_top = top_logit - logits.gather(1, targets[:, None]).squeeze(1)  # before the cancellation-prone sums
     p = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if logits.is_cpu else logits.softmax(-1)
@@ -277,15 +281,16 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
     tl.store(LSE + row, lse)
     if GRAD:
         scale = tl.load(SCALE + row) if HAS_SCALE else 1.0
+        inv = 1.0 / total  # softmax as exp(x - max) / total: x - max is exact near the top, x - lse is not
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_CAP:
                 t = tanh(x / softcap)
-                g = (tl.exp(softcap * t - lse) - (cols == target)) * (1.0 - t * t)
+                g = (tl.exp(softcap * t - m) * inv - (cols == target)) * (1.0 - t * t)
             else:
-                g = tl.exp(x - lse) - (cols == target)
+                g = tl.exp(x - m) * inv - (cols == target)
             tl.store(base + cols, cast(g * scale, L.dtype.element_ty), mask=mask)
 
 

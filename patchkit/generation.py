@@ -12,6 +12,7 @@ reason. `for_training(model)` gives the model its class back.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import functools
 import logging
@@ -242,19 +243,29 @@ def generate(model, input_ids: torch.Tensor | None, max_new_tokens: int, *,
     `ValueError` says why where it cannot): every setting `model.generate` takes, with its defaults (the model's
     generation config). `generator` seeds sampling; `streamer` may also be a callable, given each step's tokens.
     Returns what `model.generate` returns, token for token."""
-    from . import _unwrap
-
     streamer = kwargs.get("streamer")
     if streamer is not None and not hasattr(streamer, "put"):
         kwargs["streamer"] = _Callback(streamer)
-    lm = _unwrap(model)
-    lent = not isinstance(lm, Lean)
-    if lent:
-        lm.__class__ = _lean_class(type(lm))
     token = _options.set(Options(strict=True, generator=generator))
     try:
-        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        with lent(model):
+            return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
     finally:
         _options.reset(token)
-        if lent:
+
+
+@contextlib.contextmanager
+def lent(model):
+    """While inside, `model.generate` runs the decode loop where it serves the call (transformers' own loop,
+    logged, where it does not); the model keeps its mode. A model that already has the loop keeps it after."""
+    from . import _unwrap
+
+    lm = _unwrap(model)
+    lend = isinstance(lm, torch.nn.Module) and hasattr(lm, "_sample") and not isinstance(lm, Lean)
+    if lend:
+        lm.__class__ = _lean_class(type(lm))
+    try:
+        yield model
+    finally:
+        if lend:
             lm.__class__ = lm._patchkit_original

@@ -1,4 +1,5 @@
-"""Patches of libraries that every architecture shares: PEFT's LoRA layer and TRL's fused LM head.
+"""Patches of libraries that every architecture shares: PEFT's LoRA layer, TRL's fused LM head (in each trainer's
+module) and GRPO's and RLOO's generation.
 
 They are declared like architectures, so the patcher applies and restores them the same way
 (exact restore, patching at import time, signature-drift checks), but they are not registered
@@ -9,6 +10,7 @@ does not serve to the original, so models of unpatched families are untouched in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -79,23 +81,39 @@ class PeftLora(Integration):
 
 
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_said: set[str] = set()  # reasons a head was handed back to TRL, logged once each per process
 
 
-def _serves_fused_head(model, temperature, cast_lm_head_to_fp32, outputs) -> bool:
-    """Whether patchkit's causal-LM forward computes what TRL's head would for this model and these options: a
-    logit multiplier in the config counts only where the family's architecture applies it (`logit_scale`)."""
+def _unusable_head(model) -> str | None:
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
+    if head.bias is not None:
+        return "its LM head has a bias"
+    return None
+
+
+def fused_head_unserved(model) -> str | None:
+    """Why patchkit's causal-LM forward cannot compute what TRL's head would for `model` (None: it can). A logit
+    multiplier in the config counts only where the family's architecture applies it (`logit_scale`)."""
     from . import UnknownArchitectureError, _resolve
 
     text = model.config.get_text_config()
-    head = model.get_output_embeddings()
     try:
         arch = _resolve(model)[0]
-    except (UnknownArchitectureError, TypeError):
-        return False
-    scaled = any(getattr(text, k, None) not in (None, 1, 1.0) for k in _LOGIT_SCALES)
-    return (temperature == 1.0 and not cast_lm_head_to_fp32 and set(outputs) <= {"log_probs", "entropy", "is_top1"}
-            and not (scaled and arch().logit_scale(text) is None)
-            and type(head) is nn.Linear and head.bias is None)
+    except (UnknownArchitectureError, TypeError) as err:
+        return f"no patchkit architecture serves it ({str(err).split(';')[0]})"
+    scaled = [k for k in _LOGIT_SCALES if getattr(text, k, None) not in (None, 1, 1.0)]
+    if scaled and arch().logit_scale(text) is None:
+        return f"its config sets {scaled[0]}, which the {arch.name} architecture does not apply"
+    return _unusable_head(model)
+
+
+def _hand_back(model, reason: str) -> None:
+    line = f"{type(model).__name__}: {reason}"
+    if line not in _said:
+        _said.add(line)
+        log.warning("patchkit: TRL's fused LM head computes %s's log-probs: %s", type(model).__name__, reason)
 
 
 def _patched_head(cls) -> bool:
@@ -104,27 +122,42 @@ def _patched_head(cls) -> bool:
 
 
 class TrlFusedHead(Integration):
+    """TRL's `add_fused_lm_head`, as the SFT trainer's module holds it: the model it is given answers
+    `fused_lm_head=True` with patchkit's head, with the temperature, float32 cast and output fields asked for. The
+    preference and RL trainers' modules hold their own reference to it (subclasses below)."""
+
     name = "trl.fused_lm_head"
     package = "trl"
     module = "trl.trainer.sft_trainer"
 
     @replaces("cross_entropy", "add_fused_lm_head")
     def fused_head(self, original):
+        from patchkit.architectures.causal_lm import FusedHead
+
         def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                               outputs: tuple[str, ...] = ("log_probs",)):
             original(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
-            if not _serves_fused_head(model, temperature, cast_lm_head_to_fp32, outputs):
-                return
+            reason = fused_head_unserved(model)
+            if reason:
+                return _hand_back(model, reason)
             trl_forward = model.forward
+            options = FusedHead(float(temperature), bool(cast_lm_head_to_fp32), tuple(outputs))
 
-            # TRL's head stays for when the class is unpatched; while it is patched, patchkit's forward answers
-            # `fused_lm_head=True` (ignored tokens skip the matmul, backward needs no vocabulary matmul) and every
-            # other call goes to the class's forward of the moment, so unpatching takes effect here too.
+            # TRL's head stays for when the class is unpatched (or PEFT wraps the head later); while it is patched,
+            # patchkit's forward answers `fused_lm_head=True` (ignored tokens skip the matmul, backward needs no
+            # vocabulary matmul) and every other call goes to the class's forward of the moment, so unpatching takes
+            # effect here too.
             @functools.wraps(type(model).forward)
             def forward(self, *args, **kwargs):
-                if kwargs.get("fused_lm_head") and not _patched_head(type(self)):
+                if not kwargs.get("fused_lm_head"):
+                    return type(self).forward(self, *args, **kwargs)
+                if not _patched_head(type(self)):
                     return trl_forward(*args, **kwargs)
-                return type(self).forward(self, *args, **kwargs)
+                unusable = _unusable_head(self)
+                if unusable:
+                    _hand_back(self, unusable)
+                    return trl_forward(*args, **kwargs)
+                return type(self).forward(self, *args, **{**kwargs, "fused_lm_head": options})
 
             model.forward = types.MethodType(forward, model)
             log.info("patchkit: %s answers TRL's fused LM head", type(model).__name__)
@@ -132,7 +165,49 @@ class TrlFusedHead(Integration):
         return add_fused_lm_head
 
 
-INTEGRATIONS: tuple[type[Integration], ...] = (PeftLora, TrlFusedHead)
+class TrlDpoHead(TrlFusedHead):
+    name, module = "trl.dpo.fused_lm_head", "trl.trainer.dpo_trainer"
+
+
+class TrlKtoHead(TrlFusedHead):
+    name, module = "trl.kto.fused_lm_head", "trl.trainer.kto_trainer"
+
+
+class TrlGrpoHead(TrlFusedHead):
+    name, module = "trl.grpo.fused_lm_head", "trl.trainer.grpo_trainer"
+
+
+class TrlRlooHead(TrlFusedHead):
+    name, module = "trl.rloo.fused_lm_head", "trl.trainer.rloo_trainer"
+
+
+class TrlGeneration(Integration):
+    """GRPO's generation without vLLM: each step's `unwrapped_model.generate(...)`, with the sampling settings the
+    trainer passes, runs patchkit's decode loop (`generation.lent`); transformers' own loop, logged, for a call the
+    loop cannot serve. RLOO's module holds its own reference (the subclass below)."""
+
+    name = "trl.grpo.generation"
+    package = "trl"
+    module = "trl.trainer.grpo_trainer"
+
+    @replaces("generate", "unwrap_model_for_generation")
+    def generation(self, original):
+        from .generation import lent
+
+        @contextlib.contextmanager
+        def unwrap_model_for_generation(*args, **kwargs):
+            with original(*args, **kwargs) as model, lent(model):
+                yield model
+
+        return unwrap_model_for_generation
+
+
+class TrlRlooGeneration(TrlGeneration):
+    name, module = "trl.rloo.generation", "trl.trainer.rloo_trainer"
+
+
+INTEGRATIONS: tuple[type[Integration], ...] = (PeftLora, TrlFusedHead, TrlDpoHead, TrlKtoHead, TrlGrpoHead,
+                                                TrlRlooHead, TrlGeneration, TrlRlooGeneration)
 
 
 def sync() -> None:
@@ -155,4 +230,4 @@ def applied() -> list[str]:
     return [cls.name for cls in INTEGRATIONS if patcher.state(cls.name) is not None]
 
 
-__all__ = ["INTEGRATIONS", "PeftLora", "TrlFusedHead", "lora_projection", "sync"]
+__all__ = ["INTEGRATIONS", "PeftLora", "TrlFusedHead", "fused_head_unserved", "lora_projection", "sync"]

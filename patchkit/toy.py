@@ -5,6 +5,8 @@
   assistant turns with `{% generation %}` (what TRL's `assistant_only_loss` needs).
 - `arithmetic(n)`: conversations "12+7=" -> "19", a task a tiny model learns in a few hundred steps;
   `arithmetic(n, prompt_completion=True)` gives the same as prompt/completion pairs.
+- `questions(n)`: the same questions as `prompt`s with their `answer`, for GRPO and RLOO rewards;
+  `preferences(n)`: DPO's `prompt`/`chosen`/`rejected` (right and wrong answers), `unpaired=True` KTO's rows.
 - `documents(n, vocab_size, max_len)`: pre-tokenized random documents of 32..max_len tokens.
 - `model(family, tokenizer)`: a tiny random `*ForCausalLM` of a registered family, sized for the tokenizer:
   what the docs' snippets train where a real run loads one with `from_pretrained`.
@@ -52,21 +54,56 @@ def chat_tokenizer():
     return tok
 
 
+def _sums(n: int, seed: int, max_operand: int):
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+        yield rng, f"{a}{op}{b}=", a + b if op == "+" else a - b
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
 def arithmetic(n: int, *, seed: int = 0, max_operand: int = 20, prompt_completion: bool = False):
     """`n` sums and differences of small numbers, as chat `messages` (or `prompt`/`completion`)."""
     from datasets import Dataset
 
-    rng = random.Random(seed)
     rows = []
-    for _ in range(n):
-        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
-        question, answer = f"{a}{op}{b}=", str(a + b if op == "+" else a - b)
+    for _, question, answer in _sums(n, seed, max_operand):
         if prompt_completion:
-            rows.append({"prompt": [{"role": "user", "content": question}],
-                         "completion": [{"role": "assistant", "content": answer}]})
+            rows.append({"prompt": _user(question), "completion": _assistant(str(answer))})
         else:
-            rows.append({"messages": [{"role": "user", "content": question},
-                                      {"role": "assistant", "content": answer}]})
+            rows.append({"messages": _user(question) + _assistant(str(answer))})
+    return Dataset.from_list(rows)
+
+
+def questions(n: int, *, seed: int = 0, max_operand: int = 20):
+    """`n` arithmetic questions as chat `prompt`s with their `answer` (a string), for GRPO's and RLOO's rewards."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": _user(q), "answer": str(a)} for _, q, a in _sums(n, seed, max_operand)])
+
+
+def preferences(n: int, *, seed: int = 0, max_operand: int = 20, unpaired: bool = False):
+    """`n` arithmetic questions with the right answer and a wrong one: DPO's `prompt`/`chosen`/`rejected` pairs, or
+    (`unpaired=True`) KTO's `prompt`/`completion`/`label` rows, alternately right (True) and wrong (False)."""
+    from datasets import Dataset
+
+    rows = []
+    for i, (rng, question, answer) in enumerate(_sums(n, seed, max_operand)):
+        wrong = str(answer + rng.choice([-2, -1, 1, 2]))
+        if unpaired:
+            right = i % 2 == 0
+            rows.append({"prompt": _user(question), "completion": _assistant(str(answer) if right else wrong),
+                         "label": right})
+        else:
+            rows.append({"prompt": _user(question), "chosen": _assistant(str(answer)),
+                         "rejected": _assistant(wrong)})
     return Dataset.from_list(rows)
 
 

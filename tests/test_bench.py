@@ -133,3 +133,22 @@ def test_bench_train_compile_reports_four_variants(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "compiled patched / compiled unpatched" in out and "first step (compiling)" in out
     assert "| train compiled | llama | tokens/s |" in out
+
+
+def test_bench_rl_times_grpo_with_its_generation_and_dpo(monkeypatch, capsys, tmp_path):
+    from patchkit.bench import sft
+
+    monkeypatch.setattr(sft, "MODEL", {**sft.MODEL, "hidden_size": 64, "intermediate_size": 128,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    assert main(["bench", "rl", "--quick", "--rounds", "1", "--json", str(tmp_path / "rl.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| grpo: generation s/step |" in out and "| dpo: steps/s |" in out
+    record = json.loads((tmp_path / "rl.json").read_text())
+    summary = record["summaries"][0]
+    for variant in ("unpatched", "patched"):
+        grpo = summary["grpo"][variant]
+        assert 0 < grpo["generate_s"] < grpo["s_per_step"] and grpo["train_s"] > 0
+    assert {(r["scenario"], r["metric"]) for r in record["table"]} == {
+        ("grpo", "steps/s"), ("grpo", "peak RSS (GiB)"), ("grpo", "memory a step adds (GiB)"),
+        ("grpo generation", "s/step"), ("dpo", "steps/s"), ("dpo", "peak RSS (GiB)"),
+        ("dpo", "memory a step adds (GiB)")}

@@ -292,3 +292,46 @@ def test_longrope_past_its_original_length_runs_transformers_loop(steps, caplog)
     assert any("LongRoPE" in r.getMessage() for r in caplog.records)
     reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
     assert steps and torch.equal(reference, ours)
+
+
+TRL_SAMPLING = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3)
+
+
+def test_sampling_draws_from_transformers_distribution():
+    """The settings TRL's GRPO and RLOO pass. The decode loop's first and second tokens, drawn with one seed, and
+    transformers' own, drawn with another, fit one distribution (chi-square contingency); the first token also fits
+    the exact distribution of transformers' processed scores (goodness of fit). p-values are fixed by the seeds:
+    a bias of a few percent in one token's probability shows up as p < 1e-3 at these sample sizes."""
+    from scipy import stats
+
+    model = tiny_model(A.Llama, vocab_size=48, initializer_range=0.4).eval()  # spread-out logits: many tokens live
+    rows = 3000
+    ids = torch.tensor([[5, 9, 5, 12, 7]]).repeat(rows, 1)
+    settings = dict(max_new_tokens=2, pad_token_id=0, **TRL_SAMPLING)
+    torch.manual_seed(1)
+    reference = model.generate(ids, **settings)[:, -2:]
+    with generation.lent(model):
+        torch.manual_seed(2)
+        ours = model.generate(ids, **settings)[:, -2:]
+    vocab = model.config.vocab_size
+    for step in range(2):
+        table = torch.stack([torch.bincount(run[:, step], minlength=vocab) for run in (reference, ours)])
+        table = table[:, table.sum(0) > 0].numpy()
+        assert table.shape[1] > 5, "too few tokens live for the test to mean anything"
+        assert stats.chi2_contingency(table).pvalue > 1e-3, table
+    scores = model.generate(ids[:1], output_scores=True, return_dict_in_generate=True, max_new_tokens=1,
+                            pad_token_id=0, **TRL_SAMPLING).scores[0][0]
+    expected = torch.softmax(scores, -1) * rows
+    observed = torch.bincount(ours[:, 0], minlength=vocab).double()
+    assert observed[expected == 0].sum() == 0, "a token transformers' processors rule out was drawn"
+    live = expected > 0
+    assert stats.chisquare(observed[live].numpy(), expected[live].double().numpy()).pvalue > 1e-3
+
+
+def test_same_seed_same_tokens_with_trl_sampling():
+    """The loop draws in transformers' order (one multinomial over the batch per step), so one seed gives the same
+    tokens; only a patched model's rounding at a cumulative-probability boundary could change a draw."""
+    model = tiny_model(A.Llama).eval()
+    ids, mask = prompts(text_vocab(model.config), batch=6)
+    reference, ours = both(model, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, **TRL_SAMPLING)
+    assert torch.equal(reference, ours)

@@ -1,6 +1,7 @@
 """TRL's fused LM head served by patchkit: the same per-token numbers and gradients as TRL's own kernel,
 routing that follows patch and unpatch, and exact restoration of TRL."""
 
+import contextlib
 import subprocess
 import sys
 
@@ -12,27 +13,29 @@ import patchkit
 from patchkit.kernels import log_probs
 from patchkit.parity import tiny_batch, tiny_model, text_vocab
 
-OUTPUTS = ("log_probs", "entropy", "is_top1")
+OUTPUTS = log_probs.OUTPUTS  # every field TRL's head computes
 
 
-def _trl(h, w, t, softcap):
-    lp, ent, _, _, top = ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 32768, softcap, 1.0, OUTPUTS)
-    return lp, ent, top
+def _trl(h, w, t, softcap, temperature):
+    return ChunkedLogProbFunction.apply(h, w, None, t, temperature, 32768, softcap, 1.0, OUTPUTS)
 
 
 def _grads(fn, h, w, t, weights, entropy_coef, autocast):
     h.grad = w.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        lp, ent, top = fn(h, w, t)
-    (-(lp * weights).sum() / len(t) + entropy_coef * ent.sum()).backward()
-    return lp.detach(), ent.detach(), top, h.grad, w.grad
+        fields = fn(h, w, t)
+    (-(fields[0] * weights).sum() / len(t) + entropy_coef * fields[1].sum()).backward()
+    return (*(f.detach() for f in fields), h.grad, w.grad)
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7], ids=["t1", "t0.7"])
 @pytest.mark.parametrize("loss", ["mean", "weighted", "entropy"])
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_head", "trained_head"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
-def test_log_probs_match_trl_kernel(softcap, loss, weight_grad, autocast):
+def test_log_probs_match_trl_kernel(softcap, temperature, loss, weight_grad, autocast):
+    """Every output field and both gradients, for a mean, a per-token weighted sum (DPO's, GRPO's) and an entropy
+    bonus, at TRL's temperatures."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(45, 24, generator=g).requires_grad_()
     w = (torch.randn(157, 24, generator=g) * 0.4).requires_grad_(weight_grad)
@@ -40,13 +43,14 @@ def test_log_probs_match_trl_kernel(softcap, loss, weight_grad, autocast):
     weights = torch.rand(45, generator=g) if loss == "weighted" else torch.ones(45)
     args = (h, w, t, weights, 0.3 if loss == "entropy" else 0.0, autocast)
     dtype = torch.bfloat16 if autocast else None
-    got = _grads(lambda *a: log_probs.linear_log_probs(*a, softcap=softcap, compute_dtype=dtype), *args)
-    expected = _grads(lambda *a: _trl(*a, softcap), *args)
-    exact = _grads(lambda *a: log_probs.linear_log_probs(*a, softcap=softcap), h.detach().double().requires_grad_(),
+    kw = dict(softcap=softcap, temperature=temperature)
+    got = _grads(lambda *a: log_probs.linear_log_probs(*a, compute_dtype=dtype, **kw), *args)
+    expected = _grads(lambda *a: _trl(*a, softcap, temperature), *args)
+    exact = _grads(lambda *a: log_probs.linear_log_probs(*a, **kw), h.detach().double().requires_grad_(),
                    w.detach().double().requires_grad_(weight_grad), t, weights.double(), *args[4:5], False)
     if not autocast:
-        assert torch.equal(got[2], expected[2])
-    for a, b, e in zip(got[:2] + got[3:], expected[:2] + expected[3:], exact[:2] + exact[3:], strict=True):
+        assert torch.equal(got[4], expected[4])  # is_top1
+    for a, b, e in zip(got[:4] + got[5:], expected[:4] + expected[5:], exact[:4] + exact[5:], strict=True):
         if b is None:
             assert a is None and e is None
             continue
@@ -55,6 +59,14 @@ def test_log_probs_match_trl_kernel(softcap, loss, weight_grad, autocast):
             assert (a - e).abs().max() <= 2 * (b - e).abs().max() + 1e-6 * scale
         else:
             assert (a - b).abs().max() <= 1e-5 * scale
+
+
+def test_only_the_fields_asked_for_are_computed():
+    g = torch.Generator().manual_seed(0)
+    h, w, t = torch.randn(7, 8, generator=g), torch.randn(31, 8, generator=g), torch.randint(0, 31, (7,), generator=g)
+    fields = log_probs.linear_log_probs(h, w, t, outputs=("log_probs", "mean_logits"))
+    assert [f is not None for f in fields] == [True, False, False, True, False]
+    torch.testing.assert_close(fields[3], (h @ w.T).mean(-1))
 
 
 def test_trainer_head_follows_patch_and_unpatch(tmp_path, monkeypatch):
@@ -89,15 +101,61 @@ def test_trainer_head_follows_patch_and_unpatch(tmp_path, monkeypatch):
     assert eval_logits.shape[-1] == text_vocab(model.config)
 
 
-def test_options_patchkit_does_not_compute_stay_with_trl():
-    from trl.trainer import sft_trainer
+@pytest.mark.parametrize("module", ["sft_trainer", "dpo_trainer", "kto_trainer", "grpo_trainer", "rloo_trainer"])
+def test_every_trainers_head_is_patchkits_with_its_options(module, caplog):
+    """Each trainer's module holds its own `add_fused_lm_head`; each is patched, and the options reach the head."""
+    import importlib
+
+    from trl.trainer.utils import add_fused_lm_head as trl_head
 
     from patchkit.architectures import Llama
 
+    trainer = importlib.import_module(f"trl.trainer.{module}")
+    batch = tiny_batch(211)
     with patchkit.patched("llama"):
-        model = tiny_model(Llama)
-        sft_trainer.add_fused_lm_head(model, temperature=0.7, outputs=OUTPUTS)
-        assert model.forward.__func__.__code__.co_name == "_fused_forward"  # TRL's own, not patchkit's router
+        model = tiny_model(Llama).train()
+        reference = tiny_model(Llama).train()
+        reference.load_state_dict(model.state_dict())
+        trainer.add_fused_lm_head(model, temperature=0.7, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+        assert trainer.add_fused_lm_head.__patchkit__[1] == "cross_entropy"
+        with log_probs_calls() as calls:
+            got = model(**batch, fused_lm_head=True)
+        assert calls == [1]
+    trl_head(reference, temperature=0.7, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    want = reference(**batch, fused_lm_head=True)
+    for name in ("loss", *OUTPUTS, "label_mask"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_patchkit_cannot_serve_stays_with_trl_and_says_why(caplog):
+    from trl.trainer import dpo_trainer
+
+    from patchkit.architectures import Llama
+
+    with patchkit.patched("llama"), caplog.at_level("WARNING", logger="patchkit"):
+        model = tiny_model(Llama, logits_scaling=2.0)  # a multiplier Llama's forward does not apply
+        dpo_trainer.add_fused_lm_head(model)
+        assert model.forward.__func__.__code__.co_name == "_fused_forward"  # TRL's own
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(211))
+        biased = tiny_model(Llama)
+        dpo_trainer.add_fused_lm_head(biased)  # served when added; PEFT or a user may change the head after
+        biased.lm_head = torch.nn.Linear(64, 211)
+        with log_probs_calls() as calls:
+            out = biased(**tiny_batch(211), fused_lm_head=True)
+        assert calls == [0] and out.log_probs is not None
+    assert "logits_scaling" in caplog.text and "has a bias" in caplog.text
+
+
+@contextlib.contextmanager
+def log_probs_calls():
+    from patchkit.kernels import _dispatch
+
+    with _dispatch.serving() as served:
+        calls = [0]
+        yield calls
+        calls[0] = served.kernels["linear_log_probs"]
 
 
 def test_trl_is_restored_exactly_and_patched_on_import():

@@ -186,10 +186,9 @@ def test_a_wrapper_patched_by_name_brings_its_usual_language_model():
 
 
 def test_trls_head_is_answered_only_where_the_family_applies_the_logit_scale():
-    from patchkit.integrations import _serves_fused_head
+    from patchkit.integrations import fused_head_unserved
 
-    granite = tiny_model(Granite)
-    assert _serves_fused_head(granite, 1.0, False, ("log_probs",))
+    assert fused_head_unserved(tiny_model(Granite)) is None
     scaled_llama = tiny_model(Llama, logits_scaling=2.0)  # a multiplier Llama's forward does not apply: TRL's own
-    assert not _serves_fused_head(scaled_llama, 1.0, False, ("log_probs",))
-    assert _serves_fused_head(tiny_model(Llama), 1.0, False, ("log_probs", "entropy"))
+    assert "logits_scaling" in fused_head_unserved(scaled_llama)
+    assert fused_head_unserved(tiny_model(Llama)) is None

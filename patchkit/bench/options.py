@@ -1,4 +1,4 @@
-"""`patchkit bench [train|sft|decode|kernels|context|all]`: patched against unpatched, side by side.
+"""`patchkit bench [train|sft|rl|decode|kernels|context|all]`: patched against unpatched, side by side.
 
 Each benchmark alternates patched and unpatched runs in one process (their order reversed every
 other round, so the machine's drift cancels), prints its own table, then one table of headline
@@ -14,15 +14,15 @@ import argparse
 
 # the options alone, in a module of their own: the command line builds its parser without importing a benchmark
 
-SCENARIOS = ("train", "sft", "decode", "kernels", "context")
+SCENARIOS = ("train", "sft", "rl", "decode", "kernels", "context")
 QUICK_ROUNDS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", nargs="?", default="all", choices=[*SCENARIOS, "all"],
-                        help="what to measure (default: all; `all --quick` leaves out context)")
+                        help="what to measure (default: all; `all --quick` leaves out rl and context)")
     parser.add_argument("--arch", nargs="+", default=["llama"], metavar="FAMILY",
-                        help="train, sft, decode: the families to measure, one after another (default: llama)")
+                        help="train, sft, rl, decode: the families to measure, one after another (default: llama)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small shapes, {QUICK_ROUNDS} rounds each: about 90 s on 2 cores")
     parser.add_argument("--out", metavar="DIR", help="write bench.json, bench.md and bench.png into DIR")
@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"rounds of unpatched and patched runs; each ratio's median and spread are over them "
                              f"(default: 4, decode 3; {QUICK_ROUNDS} with --quick)")
     parser.add_argument("--steps", type=int, default=2,
-                        help="train, sft: timed steps per variant per round (default: 2)")
-    parser.add_argument("--only", choices=["lora", "full"], help="sft: one fine-tuning scenario (default: both)")
+                        help="train, sft, rl: timed steps per variant per round (default: 2)")
+    parser.add_argument("--only", choices=["lora", "full", "grpo", "dpo"],
+                        help="sft: lora or full; rl: grpo or dpo (default: both)")
     parser.add_argument("--compile", action="store_true",
                         help="train: torch.compile patched and unpatched too (on in `all`, unless --quick)")
     parser.add_argument("--sizes", nargs="+", default=["20M", "125M"], choices=["20M", "125M"],

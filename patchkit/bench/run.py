@@ -7,22 +7,23 @@ import json
 import sys
 from pathlib import Path
 
-from . import context, decode, kernels, sft, train
+from . import context, decode, kernels, rl, sft, train
 from .machine import Load, describe, warnings
 from .models import TRAIN
 from . import options
 from .options import QUICK_ROUNDS, SCENARIOS
 from .stats import ratio
 
-MODULES = {"train": train, "sft": sft, "decode": decode, "kernels": kernels, "context": context}
+MODULES = {"train": train, "sft": sft, "rl": rl, "decode": decode, "kernels": kernels, "context": context}
 QUICK_TRAIN = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=688, vocab_size=32000, max_position_embeddings=2048)
 
 
 def _jobs(args) -> list[tuple[str, str]]:
-    scenarios = [s for s in SCENARIOS if s != "context" or not args.quick] if args.scenario == "all" \
+    scenarios = [s for s in SCENARIOS if s not in ("rl", "context") or not args.quick] if args.scenario == "all" \
         else [args.scenario]
-    return [(s, arch) for s in scenarios for arch in (args.arch if s in ("train", "sft", "decode") else ["llama"])]
+    return [(s, arch) for s in scenarios
+            for arch in (args.arch if s in ("train", "sft", "rl", "decode") else ["llama"])]
 
 
 def _run_one(scenario: str, arch: str, args, progress) -> dict:
@@ -34,10 +35,16 @@ def _run_one(scenario: str, arch: str, args, progress) -> dict:
                            rounds=rounds, steps=1 if quick else args.steps, progress=progress,
                            compile=args.compile or (args.scenario == "all" and not quick))
     if scenario == "sft":
-        scenarios = ("lora",) if quick else (args.only,) if args.only else ("lora", "full")
+        only = args.only if args.only in ("lora", "full") else None
+        scenarios = ("lora",) if quick else (only,) if only else ("lora", "full")
         return sft.run(steps=1 if quick else args.steps, rounds=rounds, batch=2 if quick else args.batch,
                        seq=256 if quick else args.seq, scenarios=scenarios,
                        dims={**sft.MODEL, "vocab_size": 32000} if quick else sft.MODEL, arch=arch, progress=progress)
+    if scenario == "rl":
+        only = args.only if args.only in rl.SCENARIOS else None
+        return rl.run(steps=1 if quick else args.steps, rounds=rounds, scenarios=(only,) if only else rl.SCENARIOS,
+                      dims={**sft.MODEL, "vocab_size": 32000} if quick else sft.MODEL, arch=arch, quick=quick,
+                      progress=progress)
     if scenario == "decode":
         variants = ("unpatched", "for_inference model.generate") if quick else decode.VARIANTS
         return decode.run(sizes=("20M",) if quick else args.sizes, batches=args.batches,
@@ -76,6 +83,15 @@ def rows(summary: dict) -> list[dict]:
                 add(f"sft {name}", summary["arch"], "tokens/s", u, p, "tokens_per_s", "speed")
                 add(f"sft {name}", summary["arch"], "MFU", u, p, "mfu", "info")
                 add(f"sft {name}", summary["arch"], "peak RSS (GiB)", u, p, "peak_gib", "memory")
+    elif scenario == "rl":
+        for name in rl.SCENARIOS:
+            if name in summary:
+                u, p = summary[name]["unpatched"], summary[name]["patched"]
+                add(name, summary["arch"], "steps/s", u, p, "steps_per_s", "speed")
+                add(name, summary["arch"], "peak RSS (GiB)", u, p, "peak_gib", "memory")
+                add(name, summary["arch"], "memory a step adds (GiB)", u, p, "added_gib", "memory")
+                if "generate_s" in u:
+                    add(f"{name} generation", summary["arch"], "s/step", u, p, "generate_s", "time")
     elif scenario == "decode":
         for r in summary["rows"]:
             u = {"tok_s": r["tok_s"]["unpatched"], "samples": {"tok_s": r["samples"]["unpatched"]}}
