@@ -22,8 +22,7 @@ def pytest_configure(config):
 
     quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
     settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=quiet)
-    from hypothesis import Phase
-    settings.register_profile("slow", max_examples=300, deadline=None, derandomize=True, suppress_health_check=quiet, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.register_profile("slow", max_examples=300, deadline=None, derandomize=True, suppress_health_check=quiet)
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 

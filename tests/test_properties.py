@@ -1,7 +1,8 @@
 """Property-based kernel tests: random shapes, dtypes, strides, eps, soft-caps, ignore patterns,
 extreme magnitudes and inf/NaN, for every op and every backend that runs here, forward and backward.
 
-CI runs the bounded "ci" profile; `pytest --slow` runs the "slow" profile (more and larger cases).
+CI runs the bounded "ci" profile; `pytest --slow` runs the "slow" profile (300 cases, larger shapes; `.ci/run` runs
+it too). Triton's interpreter runs each program in Python, so the Triton backend's shapes grow less than torch's.
 """
 
 import functools
@@ -85,7 +86,7 @@ def _run_both(fn, ref, tensors, grads_for, dtype, seed=0, fp32_tol=1e-5):
        norm=st.sampled_from([(0.0, "llama"), (1.0, "gemma"), (0.0, "gemma")]),
        eps=st.floats(1e-8, 1e-2), scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_rms_norm(backend, data, dtype, special, layout, norm, eps, scale):
-    rows = data.draw(st.integers(1, _big(3000, 300) if backend == "torch" else _big(300, 40)), label="rows")
+    rows = data.draw(st.integers(1, _big(3000, 300) if backend == "torch" else _big(100, 40)), label="rows")
     hidden = data.draw(st.integers(1, 300), label="hidden")
     x = _tensor(data, (rows, hidden), dtype, scale, layout, special)
     w = _tensor(data, (hidden,), dtype, 0.3) + (1 - norm[0])
@@ -99,7 +100,7 @@ def test_rms_norm(backend, data, dtype, special, layout, norm, eps, scale):
 def test_apply_rope(backend, data, dtype, special, scale):
     batch, heads = data.draw(st.integers(1, 3), label="batch"), data.draw(st.integers(1, 4), label="heads")
     kv = data.draw(st.integers(1, heads), label="kv")
-    seq = data.draw(st.integers(1, _big(1000, 64) if backend == "torch" else _big(100, 16)), label="seq")
+    seq = data.draw(st.integers(1, _big(1000, 64) if backend == "torch" else _big(40, 16)), label="seq")
     dim = 2 * data.draw(st.integers(1, 40), label="half")
     q = _tensor(data, (batch, seq, heads, dim), dtype, scale, special=special).transpose(1, 2)
     k = _tensor(data, (batch, seq, kv, dim), dtype, scale).transpose(1, 2)
@@ -114,7 +115,7 @@ def test_apply_rope(backend, data, dtype, special, scale):
 @given(data=st.data(), dtype=DTYPES, special=SPECIAL, layout=st.sampled_from(["contiguous", "transposed"]),
        scale=st.sampled_from([1e-3, 1.0, 30.0]))
 def test_gated(backend, op, data, dtype, special, layout, scale):
-    rows = data.draw(st.integers(1, _big(2000, 200) if backend == "torch" else _big(200, 30)), label="rows")
+    rows = data.draw(st.integers(1, _big(2000, 200) if backend == "torch" else _big(80, 30)), label="rows")
     cols = data.draw(st.integers(1, 700), label="cols")
     gate = _tensor(data, (rows, cols), dtype, scale, layout, special)
     up = _tensor(data, (rows, cols), dtype)

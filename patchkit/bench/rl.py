@@ -28,7 +28,7 @@ import patchkit
 from ..system import status_bytes
 from .models import LORA_TARGETS, model_for
 from .sft import MODEL, _Timer
-from .stats import cell, medians, ratio
+from .stats import cell, medians, summarised
 
 SCENARIOS = ("grpo", "dpo")
 
@@ -170,10 +170,7 @@ def _summarise(results):
             samples["generate_s"] = r["generate_s"]
             samples["train_s"] = [s - g for s, g in zip(r["s"], r["generate_s"])]
         out[variant] = medians(samples)
-    u, p = out["unpatched"]["samples"], out["patched"]["samples"]
-    out["speedup"] = ratio(u["steps_per_s"], p["steps_per_s"])["ratio"]
-    out["memory_ratio"] = ratio(u["peak_gib"], p["peak_gib"])["ratio"]
-    return out
+    return summarised(out)
 
 
 def report(summary: dict) -> str:

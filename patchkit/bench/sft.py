@@ -21,7 +21,7 @@ import patchkit
 from ..system import reset_peak, status_bytes
 from .machine import matmul_flops
 from .models import LORA_TARGETS, model_for
-from .stats import cell, medians, ratio
+from .stats import cell, medians, summarised
 
 MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=128256, max_position_embeddings=2048)
@@ -142,10 +142,7 @@ def _summarise(results, matmul_params, config, seq, lora):
                                 "flops_per_s": [per_token * tokens / s for s in r["s"]],
                                 "peak_gib": [b / 2**30 for b in r["peak"]]})
         out[variant]["tokens_per_step"] = tokens
-    u, p = out["unpatched"]["samples"], out["patched"]["samples"]
-    out["speedup"] = ratio(u["steps_per_s"], p["steps_per_s"])["ratio"]
-    out["memory_ratio"] = ratio(u["peak_gib"], p["peak_gib"])["ratio"]
-    return out
+    return summarised(out)
 
 
 def report(summary: dict) -> str:

@@ -22,3 +22,10 @@ def cell(unpatched: list[float], patched: list[float]) -> str:
     """A table cell: the median ratio and its spread over rounds, e.g. `1.52x (1.40-1.61)`."""
     r = ratio(unpatched, patched)
     return f"{r['ratio']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f})"
+
+
+def summarised(out: dict) -> dict:
+    """The variants' medians (`out["unpatched"]`, `out["patched"]`), with the steps/s speed-up and peak-memory ratio."""
+    u, p = out["unpatched"]["samples"], out["patched"]["samples"]
+    return {**out, "speedup": ratio(u["steps_per_s"], p["steps_per_s"])["ratio"],
+            "memory_ratio": ratio(u["peak_gib"], p["peak_gib"])["ratio"]}
