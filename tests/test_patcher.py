@@ -141,7 +141,8 @@ def test_unknown_target_lists_known_ones():
     for bad in (42, 3.5, object()):
         with pytest.raises(TypeError, match="takes an architecture name, a model type, a config, a model"):
             patchkit.patch(bad)
-    with pytest.raises(TypeError, match="unknown op.*the ops are attention, cross_entropy, generate, lora, mlp, rms_norm, rope"):
+    with pytest.raises(TypeError,
+                       match="unknown op.*the ops are attention, cross_entropy, generate, lora, mlp, rms_norm, rope"):
         patchkit.patch("llama", flash=True)
     with pytest.raises(patchkit.BackendError, match="unknown backend 'gpu'; known backends: auto, torch"):
         patchkit.patch("llama", backend="gpu")
