@@ -123,9 +123,9 @@ def _trainer(scenario, path, tokenizer, data, steps, quick, callbacks):
 
 def run(steps: int = 2, rounds: int = 2, scenarios=SCENARIOS, dims: dict = MODEL, arch: str = "llama",
         quick: bool = False, progress=None) -> dict:
-    from patchkit.toy import word_tokenizer
-
     import datasets
+
+    from patchkit.toy import word_tokenizer
 
     datasets.disable_progress_bars()  # the trainers tokenize their data each round
     torch.manual_seed(0)
