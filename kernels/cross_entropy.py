@@ -54,21 +54,26 @@ def _logits(hc, weight, buffer):
     return torch.mm(hc.to(weight.dtype), weight.t(), out=buffer[: hc.shape[0]])
 
 
-def _softmax(logits, targets, softcap, inv_t=1.0):
-    """Softmax in float32 (in place where safe), per-row lse, per-row loss, argmax, and d(z)/d(raw) (a tensor, a
-    number, or None for 1) of z = softcap * tanh(raw / softcap) * inv_t (a temperature's inverse).
-
-    The loss is (max - target) + log(sum exp(z - max)), not lse - target: at large logits the
-    latter cancels two nearly equal numbers."""
-    logits = logits.float() if logits.dtype != torch.float32 else logits
-    dcap = None
+def _transform(logits, softcap, inv_t=1.0):
+    """z = softcap * tanh(raw / softcap) * inv_t (a temperature's inverse) of float32 `logits`, in place where
+    safe, and dz/draw: a tensor, a number, or None for 1."""
+    dz = None
     if softcap:
         tanh = logits.div_(softcap).tanh_()
         logits = tanh * softcap
-        dcap = tanh.square_().neg_().add_(1)
+        dz = tanh.square_().neg_().add_(1)
     if inv_t != 1.0:
         logits = logits.mul_(inv_t)
-        dcap = inv_t if dcap is None else dcap.mul_(inv_t)
+        dz = inv_t if dz is None else dz.mul_(inv_t)
+    return logits, dz
+
+
+def _softmax(logits, targets, softcap, inv_t=1.0):
+    """Softmax in float32 (in place where safe) of z (`_transform`), per-row lse, per-row loss, argmax, dz/draw.
+
+    The loss is (max - target) + log(sum exp(z - max)), not lse - target: at large logits the
+    latter cancels two nearly equal numbers."""
+    logits, dcap = _transform(logits.float() if logits.dtype != torch.float32 else logits, softcap, inv_t)
     top_logit, top = logits.max(-1)
     below_top = top_logit - logits.gather(1, targets[:, None]).squeeze(1)  # before the cancellation-prone sums
     p = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if logits.is_cpu else logits.softmax(-1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import served
-from .cross_entropy import _chunks, _logits, _softmax
+from .cross_entropy import _chunks, _logits, _softmax, _transform
 
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's, in its order
@@ -75,7 +75,7 @@ class _LogProbs(torch.autograd.Function):
             z = _logits(h[rows], w, buffer)
             if "mean_logits" in extra:
                 extra["mean_logits"][rows] = (h[rows].float() @ mean_w if mean_w is not None else
-                                              _transform(z.float(), softcap, inv_t)[0].mean(-1))
+                                              _transform(z.to(torch.float32, copy=True), softcap, inv_t)[0].mean(-1))
             p, lse[rows], loss, top, dcap = _softmax(z, targets[rows], softcap, inv_t)
             log_probs[rows] = loss.neg_()
             if top1 is not None:
@@ -120,17 +120,6 @@ class _LogProbs(torch.autograd.Function):
             else:
                 grad_w = _recompute(ctx, grad_log_probs, None, hidden=False)[1]
         return grad_h, grad_w, *none
-
-
-def _transform(z, softcap, inv_t):
-    """z = softcap * tanh(raw / softcap) * inv_t, and dz/draw (None for 1)."""
-    dz = None
-    if softcap:
-        t = torch.tanh(z / softcap)
-        z, dz = t * softcap, 1 - t * t
-    if inv_t != 1.0:
-        z, dz = z * inv_t, inv_t if dz is None else dz * inv_t
-    return z, dz
 
 
 def _recompute(ctx, grad_log_probs, grad_entropy, hidden=True):

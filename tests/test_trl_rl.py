@@ -106,14 +106,14 @@ def _counting_trl_and_generation(calls: dict[str, int]):
 
     from patchkit import generation
 
-    def counted(owner, attr, name, static=False):
+    def counted(owner, attr, name):
         original = getattr(owner, attr)
 
         def wrapper(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
             return original(*args, **kwargs)
 
-        mp.setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
+        mp.setattr(owner, attr, wrapper)
 
     with pytest.MonkeyPatch.context() as mp:
         counted(ChunkedLogProbFunction, "apply", "trl_log_probs")
