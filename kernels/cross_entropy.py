@@ -20,7 +20,8 @@ from ._dispatch import dispatch
 from ._triton import block, cast, jit, tanh, tl
 
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in float32; large enough for full-speed matmuls
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk at most: 256 MiB in float32; large enough for full-speed matmuls
+MIN_CHUNK_ELEMENTS = 1 << 25  # and at least, where a batch has the rows: still full speed, half the memory
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None, *,
@@ -40,7 +41,12 @@ def shifted_targets(labels, shift_labels, ignore_index):
 
 
 def _chunk_rows(n, vocab):
-    return max(1, min(n, CHUNK_ELEMENTS // max(vocab, 1)))
+    """Rows per chunk: a quarter of the batch, kept between MIN_CHUNK_ELEMENTS and CHUNK_ELEMENTS logits. A
+    small batch (an RL step's completions) so holds half the logits a single chunk would; a large one still
+    runs chunks of the full size."""
+    vocab = max(vocab, 1)
+    rows = min(max(-(-n // 4), MIN_CHUNK_ELEMENTS // vocab), CHUNK_ELEMENTS // vocab)
+    return max(1, min(n, rows))
 
 
 def _buffer(h, weight):

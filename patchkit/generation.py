@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import dataclasses
 import functools
 import logging
 from contextvars import ContextVar
@@ -40,6 +41,7 @@ PREFILL_INPUTS = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_values
 class Options:
     strict: bool = False  # `patchkit.generate`: raise where the loop cannot serve, instead of falling back
     generator: torch.Generator | None = None  # sampling draws from it instead of the global generator
+    packed: bool = True  # decode steps may multiply by packed copies of the weights (`products.Products`)
 
 
 _options: ContextVar[Options | None] = ContextVar("patchkit_generation", default=None)
@@ -157,7 +159,8 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, config, 
         from .inference import generation_positions
 
         positions = generation_positions(model, torch.ones_like(input_ids) if mask is None else mask)
-    decoding = Decoding(model, cache, mask, positions, outputs.logits[:, -1], config.max_length - input_ids.shape[1])
+    decoding = Decoding(model, cache, mask, positions, outputs.logits[:, -1], config.max_length - input_ids.shape[1],
+                        packed=options().packed)
     del outputs
     record = config.return_dict_in_generate
     scores = [] if record and config.output_scores else None
@@ -255,17 +258,21 @@ def generate(model, input_ids: torch.Tensor | None, max_new_tokens: int, *,
 
 
 @contextlib.contextmanager
-def lent(model):
+def lent(model, packed: bool = True):
     """While inside, `model.generate` runs the decode loop where it serves the call (transformers' own loop,
-    logged, where it does not); the model keeps its mode. A model that already has the loop keeps it after."""
+    logged, where it does not); the model keeps its mode. A model that already has the loop keeps it after.
+    `packed=False`: no packed weight copies (memory as much again as the weights they copy), for a trainer."""
     from . import _unwrap
 
     lm = _unwrap(model)
     lend = isinstance(lm, torch.nn.Module) and hasattr(lm, "_sample") and not isinstance(lm, Lean)
     if lend:
         lm.__class__ = _lean_class(type(lm))
+    token = _options.set(dataclasses.replace(options(), packed=packed)) if not packed else None
     try:
         yield model
     finally:
+        if token is not None:
+            _options.reset(token)
         if lend:
             lm.__class__ = lm._patchkit_original

@@ -89,7 +89,7 @@ class Decoding:
     next position and renews them. `cache` is the prefill's transformers cache; `position_ids` the prompt's."""
 
     def __init__(self, model, cache, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                 logits: torch.Tensor, new_tokens: int):
+                 logits: torch.Tensor, new_tokens: int, packed: bool = True):
         from . import patcher
 
         arch_cls, self.lm = architecture_of(model)
@@ -97,7 +97,7 @@ class Decoding:
         self.arch = patched.arch if patched else arch_cls()  # the backend it was patched with, else "auto"
         self.state = DecodeState(self.arch, self.lm, cache, attention_mask, cache.get_seq_length(), new_tokens)
         self.logits, self.position = logits, position_ids[..., -1:]  # (batch, 1); Qwen-VL: (4, batch, 1)
-        self.products = Products(logits.shape[0])
+        self.products = Products(logits.shape[0], packed)
 
     @classmethod
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int):

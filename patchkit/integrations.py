@@ -184,7 +184,8 @@ class TrlRlooHead(TrlFusedHead):
 class TrlGeneration(Integration):
     """GRPO's generation without vLLM: each step's `unwrapped_model.generate(...)`, with the sampling settings the
     trainer passes, runs patchkit's decode loop (`generation.lent`); transformers' own loop, logged, for a call the
-    loop cannot serve. RLOO's module holds its own reference (the subclass below)."""
+    loop cannot serve. No packed weight copies: they would add as much memory again as the weights to the
+    training's peak. RLOO's module holds its own reference (the subclass below)."""
 
     name = "trl.grpo.generation"
     package = "trl"
@@ -196,7 +197,7 @@ class TrlGeneration(Integration):
 
         @contextlib.contextmanager
         def unwrap_model_for_generation(*args, **kwargs):
-            with original(*args, **kwargs) as model, lent(model):
+            with original(*args, **kwargs) as model, lent(model, packed=False):
                 yield model
 
         return unwrap_model_for_generation

@@ -111,12 +111,13 @@ class Products(dict):
     """For one decode call of `rows` rows: each plain `nn.Linear`'s fastest product, `f(x2, weight, bias)` over
     (rows, in) inputs, where that is not `F.linear` (None: `F.linear`). A kernel that multiplies by a packed copy
     of the weight (MKL's, oneDNN's) gets it on first use, while it fits the budget: half the memory available
-    when the call began (Linux; elsewhere none); past it, the next fastest kernel serves."""
+    when the call began (Linux; elsewhere none), or none where `packed` is False (a trainer's generation, where
+    memory is the training's); past it, the next fastest kernel serves."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, packed: bool = True):
         super().__init__()
         self.rows = rows
-        self.budget = _available_memory() // 2 if rows <= 64 else 0
+        self.budget = _available_memory() // 2 if rows <= 64 and packed else 0
 
     def __missing__(self, linear: nn.Linear):
         weight, bias = linear.weight, linear.bias

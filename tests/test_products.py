@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patchkit import architectures as A
-from patchkit import inference, products
+from patchkit import generation, inference, products
 from patchkit.parity import tiny_model, text_vocab
 
 COPYING = [name for name in products.available() if products.KERNELS[name][1] is not None]  # mkl, onednn here
@@ -119,3 +119,22 @@ def test_batched_decoding_gives_the_same_logits_with_and_without_copies(ranked):
     assert set(decoding.products) == set(linears)  # every plain linear of the model has its choice
     assert all((c is not None) == (m.weight.numel() >= products.MEASURED) for m, c in decoding.products.items())
     assert all(c is None or c.args == (None,) for c in starved.products.values())
+
+
+def test_a_generation_lent_without_packed_copies_makes_none(ranked, monkeypatch):
+    ranked((*COPYING, "wxt", "linear"))
+    model = tiny_model(A.Llama, hidden_size=128, intermediate_size=256, head_dim=32).eval()
+    ids = torch.randint(3, text_vocab(model.config), (2, 6), generator=torch.Generator().manual_seed(0))
+    tables = []
+    real = inference.Decoding.__init__
+    monkeypatch.setattr(inference.Decoding, "__init__", lambda self, *a, **k: real(self, *a, **k) or tables.append(
+        self.products))
+    outputs = []
+    for packed in (True, False):
+        with generation.lent(model, packed=packed):
+            outputs.append(model.generate(ids, max_new_tokens=3, do_sample=False))
+    assert generation.options().packed  # the setting ends with the block
+    torch.testing.assert_close(*outputs)
+    copied, lean = tables
+    assert any(c is not None and c.args != (None,) for c in copied.values()) == bool(COPYING)
+    assert lean and lean.budget == 0 and all(c is None or c.args == (None,) for c in lean.values())

@@ -100,11 +100,18 @@ def _build(case: Case, path: str, output_dir: str, callbacks):
 
 @contextlib.contextmanager
 def _counting_trl_and_generation(calls: dict[str, int]):
-    """Count TRL's own chunked log-probs kernel, transformers' `_sample` and patchkit's decode loop."""
+    """Count TRL's own chunked log-probs kernel, transformers' `_sample`, patchkit's decode loop and its decode
+    calls that may make packed weight copies."""
     from transformers.generation.utils import GenerationMixin
     from trl.kernels import ChunkedLogProbFunction
 
-    from patchkit import generation
+    from patchkit import generation, inference
+
+    class Products(inference.Products):
+        def __init__(self, rows, packed=True):
+            super().__init__(rows, packed)
+            if packed:
+                calls["packed_copies_allowed"] = calls.get("packed_copies_allowed", 0) + 1
 
     def counted(owner, attr, name):
         original = getattr(owner, attr)
@@ -119,6 +126,7 @@ def _counting_trl_and_generation(calls: dict[str, int]):
         counted(ChunkedLogProbFunction, "apply", "trl_log_probs")
         counted(GenerationMixin, "_sample", "transformers_sample")
         counted(generation, "_decode_loop", "decode_loop")
+        mp.setattr(inference, "Products", Products)
         yield
 
 
@@ -153,7 +161,7 @@ def test_preference_and_rl_training_matches_unpatched(case, tmp_path):
     assert ref["calls"].get("trl_log_probs", 0) > 0 and "linear_log_probs" not in ref["calls"], ref["calls"]
     if case.trainer in ("grpo", "rloo"):
         assert calls.get("decode_loop", 0) == ref["calls"]["transformers_sample"] > 0, (calls, ref["calls"])
-        assert "transformers_sample" not in calls, calls
+        assert "transformers_sample" not in calls and "packed_copies_allowed" not in calls, calls
     if case.lora:
         assert calls.get("lora_linear", 0) > 0, calls
 
