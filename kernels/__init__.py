@@ -32,6 +32,7 @@ elif __name__ == "patchkit.kernels":
                             serving)
     from .cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entropy_torch,
                                 fused_linear_cross_entropy_triton)
+    from .log_probs import linear_log_probs, linear_log_probs_torch, linear_log_probs_triton
     from .lora import Projection, lora_linear, lora_linear_torch, lora_mlp, lora_mlp_torch
     from .mlp import (ACTIVATIONS, activation_kernel, geglu, geglu_torch, geglu_triton, register_activation, swiglu,
                       swiglu_torch, swiglu_triton)
@@ -41,7 +42,8 @@ elif __name__ == "patchkit.kernels":
 
 __all__ = [
     "ACTIVATIONS", "LIGER", "OPS", "BackendError", "Projection", "Provider", "TORCH", "TRITON", "activation_kernel",
-    "apply_rope", "clear_cache", "dispatch", "fell_back", "fused_linear_cross_entropy", "geglu", "lora_linear",
+    "apply_rope", "clear_cache", "dispatch", "fell_back", "fused_linear_cross_entropy", "geglu", "linear_log_probs",
+    "lora_linear",
     "lora_mlp", "prepare", "register_activation", "resolve", "rms_norm", "rope_into", "served", "serving", "signed_sin",
     "swiglu",
 ]

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-OPS = ("rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy", "lora_linear", "lora_mlp")
+OPS = ("rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy", "linear_log_probs", "lora_linear",
+       "lora_mlp")
 
 
 class BackendError(RuntimeError):

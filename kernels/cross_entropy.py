@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch
-from ._triton import block, cast, jit, tanh, tl
+from . import _triton
+from ._triton import block, cast, jit, launch, tanh, tl, warps
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk at most: 256 MiB in float32; large enough for full-speed matmuls
@@ -38,6 +39,12 @@ def shifted_targets(labels, shift_labels, ignore_index):
     if shift_labels is not None:
         return shift_labels
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether `t`'s device is the host, where reading a value (`bool`, `nonzero`) stalls nothing. Elsewhere the
+    ops keep every decision on the device."""
+    return t.is_cpu
 
 
 def _chunk_rows(n, vocab):
@@ -107,7 +114,17 @@ def _accumulate(g, hc, weight, grad_h, grad_w, rows, alpha):
         if alpha != 1.0:
             grad_h[rows].mul_(alpha)
     if grad_w is not None:
-        grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype), alpha=alpha)
+        add_outer(grad_w, g, hc, alpha)
+
+
+def add_outer(acc, g, hc, alpha=1.0):
+    """acc += alpha * g^T @ hc, for a float32 `acc`: on a GPU (and on `meta`, which stands for one in checks), a
+    half-precision product accumulated in float32 by the matmul itself (tensor cores; a float32 x float32
+    product is ~15x slower without TF32), elsewhere in acc's dtype."""
+    if (acc.is_cuda or acc.is_meta) and g.dtype in (torch.float16, torch.bfloat16) and hc.dtype == g.dtype:
+        torch.addmm(acc, g.t(), hc, out_dtype=acc.dtype, alpha=alpha, out=acc)
+    else:
+        acc.addmm_(g.t().to(acc.dtype), hc.to(acc.dtype), alpha=alpha)
 
 
 def _grad_buffers(h, weight, need_h, need_w):
@@ -137,21 +154,26 @@ def _summed(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore
     """(scale * sum of the counted tokens' losses, d/dh, d/dweight): the gradients are computed here, in forward,
     while each chunk's logits are at hand. scale = 1 / divisor, a scalar: -1 stands for the counted tokens."""
     keep = targets != ignore_index
-    index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
-    hk, tk = (h, targets) if index is None else (h.index_select(0, index), targets.index_select(0, index))
-    count = float(divisor)
-    if count == -1:
-        count = tk.numel()
-    scale = 1.0 / count if count else float("nan")  # nothing to learn: 0 / 0, as `ForCausalLMLoss` gives
+    count = torch.where(divisor == -1, keep.sum(), divisor).float()
+    scale = count.reciprocal()  # nothing to learn: 0 / 0, as `ForCausalLMLoss` gives
+    index = None
+    if on_host(h):  # reading the counts stalls nothing, and ignored tokens skip the matmul
+        index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        hk, tk = (h, targets) if index is None else (h.index_select(0, index), targets.index_select(0, index))
+        alpha, row_scale, kept = float(scale), None, None
+    else:  # no host sync: every token goes through, an ignored one with a zero gradient and loss
+        hk, tk = h, targets.masked_fill(~keep, 0)
+        alpha, row_scale, kept = 1.0, torch.where(keep, scale, 0.0), keep
     grad_h, grad_w = _grad_buffers(hk, weight, need_h, need_w)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     chunks, buffer = _chunks(hk, weight)
     for rows_ in chunks:
         hc, tc = hk[rows_], tk[rows_]
-        loss, _, g = ROWS[rows](_logits(hc, weight, buffer), tc, softcap, need_h or need_w)
-        total += loss.sum()
+        loss, _, g = ROWS[rows](_logits(hc, weight, buffer), tc, softcap, need_h or need_w,
+                                None if row_scale is None else row_scale[rows_])
+        total += (loss if kept is None else torch.where(kept[rows_], loss, 0.0)).sum()
         if g is not None:
-            _accumulate(g, hc, weight, grad_h, grad_w, rows_, scale)
+            _accumulate(g, hc, weight, grad_h, grad_w, rows_, alpha)
     if grad_h is not None and index is not None:
         grad_h = h.new_zeros(h.shape).index_copy_(0, index, grad_h)
     return total * scale, _none(grad_h, h), _none(None if grad_w is None else grad_w.to(weight.dtype), weight)
@@ -169,7 +191,8 @@ def _summed_context(ctx, inputs, output):
 
 def _summed_backward(ctx, grad, _grad_h, _grad_w):
     grad_h, grad_w = ctx.saved_tensors
-    one = not torch.compiler.is_compiling() and bool(grad == 1)  # eager: the usual `loss.backward()` copies nothing
+    # eager on a CPU: the usual `loss.backward()` copies nothing (elsewhere reading `grad` would stall the device)
+    one = on_host(grad) and not torch.compiler.is_compiling() and bool(grad == 1)
     scaled = [None if g.numel() == 0 else g if one else g * grad.to(g.dtype) for g in (grad_h, grad_w)]
     return scaled[0], scaled[1], *([None] * 7)
 
@@ -251,9 +274,10 @@ def _fused(rows, hidden, weight, labels, *, ignore_index=-100, softcap=None, num
     grad = torch.is_grad_enabled()
     items = num_items_in_batch
     if isinstance(items, torch.Tensor):
-        divisor = items.detach().to(torch.float32).reshape(())
-    else:  # a count given as a number; -1: the counted tokens (a mean); 1: a sum
-        divisor = torch.tensor(float(items) if items is not None else -1.0 if reduction == "mean" else 1.0)
+        divisor = items.detach().to(h.device, torch.float32).reshape(())
+    else:  # a count given as a number; -1: the counted tokens (a mean); 1: a sum. A fill, not a host-to-device copy
+        divisor = torch.full((), float(items) if items is not None else -1.0 if reduction == "mean" else 1.0,
+                             device=h.device)
     return _summed(h, weight, targets, ignore_index, softcap, divisor, rows, grad and h.requires_grad,
                    grad and weight.requires_grad)[0]
 
@@ -291,18 +315,25 @@ def _rows_kernel(L, stride, T, LOSS, LSE, SCALE, n_cols, softcap, HAS_CAP: tl.co
     tl.store(LOSS + row, (m - x_t) + tl.log(total))  # not lse - x_t: no cancellation at large logits
     tl.store(LSE + row, lse)
     if GRAD:
-        scale = tl.load(SCALE + row) if HAS_SCALE else 1.0
-        inv = 1.0 / total  # softmax as exp(x - max) / total: x - max is exact near the top, x - lse is not
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                t = tanh(x / softcap)
-                g = (tl.exp(softcap * t - m) * inv - (cols == target)) * (1.0 - t * t)
-            else:
-                g = tl.exp(x - m) * inv - (cols == target)
-            tl.store(base + cols, cast(g * scale, L.dtype.element_ty), mask=mask)
+        unit_grads_(base, n_cols, target, m, 1.0 / total, softcap, 1.0, tl.load(SCALE + row) if HAS_SCALE else 1.0,
+                    HAS_CAP, BLOCK)
+
+
+@jit
+def unit_grads_(base, n_cols, target, m, inv, softcap, inv_t, scale, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Overwrite a row of raw logits x with `scale` d(-log p_target)/dx, p = softmax(z), z = softcap tanh(x / softcap)
+    inv_t: (p - onehot) dz/dx, p as exp(z - max) / total (`inv` = 1 / total; z - max is exact near the top,
+    z - lse is not), in the row's own dtype."""
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            t = tanh(x / softcap)
+            g = (tl.exp(softcap * t * inv_t - m) * inv - (cols == target)) * (1.0 - t * t) * inv_t
+        else:
+            g = (tl.exp(x * inv_t - m) * inv - (cols == target)) * inv_t
+        tl.store(base + cols, cast(g * scale, base.dtype.element_ty), mask=mask)
 
 
 def _rows_triton(logits, targets, softcap, grad, row_scale=None):
@@ -311,9 +342,10 @@ def _rows_triton(logits, targets, softcap, grad, row_scale=None):
     n, vocab = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
-    _rows_kernel[(n,)](logits, logits.stride(0), targets, loss, lse, loss if row_scale is None else row_scale,
-                       vocab, float(softcap or 1.0), HAS_CAP=bool(softcap), GRAD=grad,
-                       HAS_SCALE=row_scale is not None, BLOCK=min(block(vocab), 4096))
+    width = min(block(vocab), _triton.ROW_BLOCK)  # a large vocabulary: wide blocks over many threads
+    launch(_rows_kernel, (n,), logits, logits.stride(0), targets, loss, lse, loss if row_scale is None else row_scale,
+           vocab, float(softcap or 1.0), HAS_CAP=bool(softcap), GRAD=grad, HAS_SCALE=row_scale is not None,
+           BLOCK=width, num_warps=warps(width))
     return loss, lse, logits if grad else None
 
 

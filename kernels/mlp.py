@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch
-from ._triton import cast, jit, rounded, tanh, tl, triton
+from ._triton import cast, jit, launch, rounded, tanh, tl, triton
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -114,7 +114,7 @@ def _act(g, ACT: tl.constexpr):
 
 @jit
 def _gated_fwd(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # past 2^31 elements: int64 offsets
     mask = i < n
     g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +125,7 @@ def _gated_fwd(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
 
 @jit
 def _gated_bwd(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # past 2^31 elements: int64 offsets
     mask = i < n
     dy = tl.load(DY + i, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
@@ -142,7 +142,7 @@ def _gated_bwd(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
 def _gated_op(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
-    _gated_fwd[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, y, gate.numel(), ACT=act, BLOCK=_BLOCK)
+    launch(_gated_fwd, (triton.cdiv(gate.numel(), _BLOCK),), gate, up, y, gate.numel(), ACT=act, BLOCK=_BLOCK)
     return y
 
 
@@ -156,8 +156,8 @@ def _gated_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                   act: int) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up = gate.contiguous(), up.contiguous()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
-    _gated_bwd[(triton.cdiv(gate.numel(), _BLOCK),)](dy.contiguous(), gate, up, dg, du, gate.numel(), ACT=act,
-                                                      BLOCK=_BLOCK)
+    launch(_gated_bwd, (triton.cdiv(gate.numel(), _BLOCK),), dy.contiguous(), gate, up, dg, du, gate.numel(), ACT=act,
+           BLOCK=_BLOCK)
     return dg, du
 
 

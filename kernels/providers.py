@@ -5,6 +5,7 @@ from patchkit.plugins import hookimpl
 from . import _triton, liger
 from ._dispatch import Provider
 from .cross_entropy import fused_linear_cross_entropy_torch, fused_linear_cross_entropy_triton
+from .log_probs import linear_log_probs_torch, linear_log_probs_triton
 from .lora import lora_linear_torch, lora_mlp_torch
 from .mlp import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
 from .rms_norm import rms_norm_torch, rms_norm_triton
@@ -21,6 +22,7 @@ TORCH = Provider(
         "swiglu": swiglu_torch,
         "geglu": geglu_torch,
         "fused_linear_cross_entropy": fused_linear_cross_entropy_torch,
+        "linear_log_probs": linear_log_probs_torch,
         **COMPOSITE,
     },
     devices=None,
@@ -37,6 +39,7 @@ TRITON = Provider(
         "swiglu": swiglu_triton,
         "geglu": geglu_triton,
         "fused_linear_cross_entropy": fused_linear_cross_entropy_triton,
+        "linear_log_probs": linear_log_probs_triton,
         **COMPOSITE,
     },
     devices=("cuda",),

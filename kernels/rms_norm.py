@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import dispatch
-from ._triton import block, cast, jit, rounded, rows2d, tl
+from ._triton import block, cast, jit, launch, processors, rounded, rows2d, tl, triton, warps
 
 CASTS = ("llama", "gemma")
 
@@ -78,49 +78,105 @@ def rms_norm_torch(x, weight, eps, *, offset=0.0, cast="llama"):
 # --- triton ---------------------------------------------------------------------------------
 
 @jit
-def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, offset, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps, offset, GEMMA: tl.constexpr,
+                BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS rows of BLOCK columns per program: many for narrow rows (q/k norms), one for a model's hidden."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    normed = x * rstd
-    w = tl.load(W + cols, mask=mask, other=0.0)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    normed = x * rstd[:, None]
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0)[None, :]
     if GEMMA:
         y = normed * (w.to(tl.float32) + offset)
     else:  # Llama: cast the normalised input first; (w + offset) in the weight's dtype
         scale = rounded(w.to(tl.float32) + offset, W.dtype.element_ty)
         y = scale * rounded(normed, X.dtype.element_ty)
-    tl.store(Y + row * stride_y + cols, cast(y, Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast(y, Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @jit
-def _bwd_kernel(DY, X, W, RSTD, DX, DW, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset, rows_per_program,
-                GEMMA: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = w + offset
-    if not GEMMA:
-        scale = rounded(scale, W.dtype.element_ty)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    start = pid * rows_per_program
-    for row in range(start, tl.minimum(start + rows_per_program, n_rows)):
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        normed = x * rstd
+def _scale_of(W, cols, col_ok, offset, GEMMA: tl.constexpr):
+    """(offset + weight) in float32, rounded to the weight's dtype first for Llama's cast."""
+    scale = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] + offset
+    return scale if GEMMA else rounded(scale, W.dtype.element_ty)
+
+
+@jit
+def _bwd_row(X, DY, RSTD, rows, cols, mask, row_ok, stride_x, stride_dy, scale, GEMMA: tl.constexpr):
+    """Rows of the output gradient, d(normalised) and the normalised input."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    normed = x * tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
+    dn = dy * scale if GEMMA else rounded(dy * scale, DY.dtype.element_ty)
+    return dy, dn, normed
+
+
+@jit
+def _dx_dw(X, DY, RSTD, DOT, DX, W, start, end, rows_per_program, cols, n_cols, offset, stride_x, stride_dy, stride_dx,
+           GEMMA: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, DOT_KNOWN: tl.constexpr):
+    """The input gradient of rows start..end over `cols`, ROWS at a time, and their weight-gradient sum there.
+    Each row's dot(d normalised, normalised) is summed here, or with DOT_KNOWN read from DOT."""
+    col_ok = cols < n_cols
+    scale = _scale_of(W, cols, col_ok, offset, GEMMA)
+    dw = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+    for first in range(0, rows_per_program, ROWS):
+        rows = start + first + tl.arange(0, ROWS)
+        row_ok = rows < end
+        mask = row_ok[:, None] & col_ok[None, :]
+        dy, dn, normed = _bwd_row(X, DY, RSTD, rows, cols, mask, row_ok, stride_x, stride_dy, scale, GEMMA)
         if GEMMA:
             dw += dy * normed
-            dn = dy * scale
         else:
             dw += rounded(dy * rounded(normed, X.dtype.element_ty), DY.dtype.element_ty)
-            dn = rounded(dy * scale, DY.dtype.element_ty)
-        dot = tl.sum(dn * normed, axis=0) / n_cols
-        tl.store(DX + row * stride_dx + cols, cast((dn - normed * dot) * rstd, DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * n_cols + cols, dw, mask=mask)
+        dot = tl.load(DOT + rows, mask=row_ok, other=0.0) if DOT_KNOWN else tl.sum(dn * normed, axis=1)
+        dx = (dn - normed * (dot / n_cols)[:, None]) * tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast(dx, DX.dtype.element_ty), mask=mask)
+    return tl.sum(dw, axis=0)
+
+
+@jit
+def _bwd_kernel(DY, X, W, RSTD, DOT, DX, DW, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset,
+                rows_per_program, GEMMA: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr):
+    """`rows_per_program` consecutive rows; the program's weight-gradient partial sum to DW. A row too wide for
+    registers beside that sum (TILES > 1) goes in column tiles: first every row's dot product, tile by tile (to
+    DOT), then per tile the input gradient and the weight gradient's share."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, n_rows)
+    out = DW + pid.to(tl.int64) * n_cols
+    if TILES == 1:
+        cols = tl.arange(0, BLOCK)
+        dw = _dx_dw(X, DY, RSTD, DOT, DX, W, start, end, rows_per_program, cols, n_cols, offset, stride_x, stride_dy,
+                    stride_dx, GEMMA, ROWS, BLOCK, False)
+        tl.store(out + cols, dw, mask=cols < n_cols)
+    else:
+        for first in range(0, rows_per_program, ROWS):
+            rows = start + first + tl.arange(0, ROWS)
+            row_ok = rows < end
+            dot = tl.zeros([ROWS], dtype=tl.float32)
+            for tile in tl.static_range(TILES):
+                part = tile * (BLOCK // TILES) + tl.arange(0, BLOCK // TILES)
+                part_ok = part < n_cols
+                _, dn, normed = _bwd_row(X, DY, RSTD, rows, part, row_ok[:, None] & part_ok[None, :], row_ok,
+                                         stride_x, stride_dy, _scale_of(W, part, part_ok, offset, GEMMA), GEMMA)
+                dot += tl.sum(dn * normed, axis=1)
+            tl.store(DOT + rows, dot, mask=row_ok)
+        for tile in tl.static_range(TILES):
+            part = tile * (BLOCK // TILES) + tl.arange(0, BLOCK // TILES)
+            dw = _dx_dw(X, DY, RSTD, DOT, DX, W, start, end, rows_per_program, part, n_cols, offset, stride_x,
+                        stride_dy, stride_dx, GEMMA, ROWS, BLOCK // TILES, True)
+            tl.store(out + part, dw, mask=part < n_cols)
+
+
+def _shape(n_rows, n_cols):
+    """(BLOCK, ROWS): a program covers whole rows, and narrow ones (q/k norms over a head) 2048 values' worth at
+    a time, so a program is not a lone short row."""
+    width = block(n_cols)
+    return width, max(1, min(2048 // width, block(n_rows)))
 
 
 def _out_dtype(x, weight, cast):
@@ -137,8 +193,9 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: flo
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, cast), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    _fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
-                           GEMMA=cast == "gemma", BLOCK=block(n_cols))
+    width, rows = _shape(n_rows, n_cols)
+    launch(_fwd_kernel, (triton.cdiv(n_rows, rows),), x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols,
+           eps, offset, GEMMA=cast == "gemma", BLOCK=width, ROWS=rows, num_warps=warps(width * rows))
     return y.view(x.shape), rstd
 
 
@@ -153,12 +210,17 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
                   cast: str) -> tuple[torch.Tensor, torch.Tensor]:
     x2, dy2 = rows2d(x), rows2d(dy)
     n_rows, n_cols = x2.shape
-    programs = max(min(n_rows, 128), 1)
-    per_program = -(-n_rows // programs)
+    width, rows = _shape(n_rows, n_cols)
+    # a few programs per multiprocessor, each summing its rows' weight gradient: fewer partial sums to add
+    programs = max(min(4 * processors(x.device), triton.cdiv(n_rows, rows)), 1)
+    per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
     dx = torch.empty_like(x2)
-    dw = torch.zeros((programs, n_cols), dtype=torch.float32, device=x2.device)
-    _bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows,
-                             n_cols, offset, per_program, GEMMA=cast == "gemma", BLOCK=block(n_cols))
+    dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    tiles = 4 if width * rows > 8192 else 1  # past 8192 values a row no longer fits beside its weight gradient
+    dot = torch.empty(n_rows, dtype=torch.float32, device=x2.device) if tiles > 1 else rstd  # else unread
+    launch(_bwd_kernel, (programs,), dy2, x2, weight, rstd, dot, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0),
+           n_rows, n_cols, offset, per_program, GEMMA=cast == "gemma", BLOCK=width, ROWS=rows, TILES=tiles,
+           num_warps=warps(width * rows // tiles, per_thread=8 if tiles == 1 else 4))
     return dx.view(x.shape), dw.sum(0).to(weight.dtype)
 
 

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from ._dispatch import dispatch
-from ._triton import block, cast, jit, rounded, tl
+from ._triton import block, cast, jit, launch, rounded, tl, warps
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -108,17 +108,15 @@ def apply_rope_torch(q, k, cos, sin):
 # --- triton ---------------------------------------------------------------------------------
 
 @jit
-def _rope_kernel(X, C, S, Y, heads, seq, sxb, sxh, sxl, scb, sch, scl, ssb, ssh, ssl, half, dim,
-                 BACKWARD: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr):
-    """One (batch, head, position) row: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (transposed when BACKWARD) over the
-    first 2 * half features; the other `dim - 2 * half` (PASS > 0: partial rotary) are copied."""
-    row = tl.program_id(0)
-    b, h, pos = row // (heads * seq), (row // seq) % heads, row % seq
-    cols = tl.arange(0, BLOCK)
-    mask = cols < half
-    x = X + b * sxb + h * sxh + pos * sxl
-    c = C + b * scb + h * sch + pos * scl
-    s = S + b * ssb + h * ssh + pos * ssl
+def _rotate_heads(X, sxh, Y, syh, C, sch, S, ssh, heads, half, dim, BACKWARD: tl.constexpr, HEADS: tl.constexpr,
+                  BLOCK: tl.constexpr, PASS: tl.constexpr):
+    """Every head of one (batch, position): y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (transposed when BACKWARD)
+    over the first 2 * half features; the other `dim - 2 * half` (PASS > 0: partial rotary) are copied."""
+    h = tl.arange(0, HEADS)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (h < heads) & (cols < half)
+    x = X + h * sxh
+    c, s = C + h * sch, S + h * ssh  # a head stride of 0 (the usual broadcast): one row, read once from memory
     x1 = tl.load(x + cols, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x + half + cols, mask=mask, other=0.0).to(tl.float32)
     c1 = tl.load(c + cols, mask=mask, other=0.0).to(tl.float32)
@@ -138,55 +136,85 @@ def _rope_kernel(X, C, S, Y, heads, seq, sxb, sxh, sxl, scb, sch, scl, ssb, ssh,
     else:
         y1 = rounded(x1 * c1, T) - rounded(x2 * s1, T)
         y2 = rounded(x2 * c2, T) + rounded(x1 * s2, T)
-    y = Y + row * dim
+    y = Y + h * syh
     tl.store(y + cols, cast(y1, Y.dtype.element_ty), mask=mask)
     tl.store(y + half + cols, cast(y2, Y.dtype.element_ty), mask=mask)
     if PASS > 0:
-        rest = tl.arange(0, PASS)
-        keep = rest < dim - 2 * half
+        rest = tl.arange(0, PASS)[None, :]
+        keep = (h < heads) & (rest < dim - 2 * half)
         tl.store(y + 2 * half + rest, tl.load(x + 2 * half + rest, mask=keep), mask=keep)
+
+
+@jit
+def _rope_kernel(Q, K, C, S, YQ, YK, seq, sqb, sqh, sql, skb, skh, skl, syqb, syqh, syql, sykb, sykh, sykl,
+                 scb, scl, sch_q, sch_k, q_heads, k_heads, half, dim, BACKWARD: tl.constexpr, QH: tl.constexpr,
+                 KH: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr):
+    """One (batch, position): every q head, then every k head, against that position's cos and sin. Strides are
+    in elements, per (batch, head, position); cos and sin share theirs."""
+    pid = tl.program_id(0).to(tl.int64)
+    b, pos = pid // seq, pid % seq
+    table = b * scb + pos * scl
+    _rotate_heads(Q + b * sqb + pos * sql, sqh, YQ + b * syqb + pos * syql, syqh, C + table, sch_q, S + table,
+                  sch_q, q_heads, half, dim, BACKWARD, QH, BLOCK, PASS)
+    _rotate_heads(K + b * skb + pos * skl, skh, YK + b * sykb + pos * sykl, sykh, C + table, sch_k, S + table,
+                  sch_k, k_heads, half, dim, BACKWARD, KH, BLOCK, PASS)
 
 
 def _as4d(t):
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() <= 4 else t.flatten(0, t.dim() - 4)
 
 
-def _rope_triton_one(x, cos, sin, backward):
-    x4 = _as4d(x)
-    if x4.stride(-1) != 1:
-        x4 = x4.contiguous()
-    batch, heads, seq, dim = x4.shape
+def _unit_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rope_triton(q, k, cos, sin, backward):
+    """q and k rotated by one launch; outputs keep their inputs' layout (transformers' q is a transposed view)."""
+    q4, k4 = _unit_stride(_as4d(q)), _unit_stride(_as4d(k))
+    batch, q_heads, seq, dim = q4.shape
+    k_heads = k4.shape[1]
+    if k4.shape[0] != batch or k4.shape[2:] != q4.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, positions and head_dim")
     rotary = cos.shape[-1]
-    c4, s4 = (_as4d(t).expand(batch, heads, seq, rotary) for t in (cos, sin))
-    c4, s4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (c4, s4))
-    y = torch.empty(x4.shape, dtype=x.dtype, device=x.device)
+    c4 = _as4d(cos).expand(batch, -1, seq, rotary)
+    s4 = _as4d(sin).expand(batch, -1, seq, rotary)
+    if c4.stride() != s4.stride() or c4.stride(-1) != 1:  # one set of strides for both tables
+        c4, s4 = c4.contiguous(), s4.contiguous()
+    head_stride = [c4.stride(1) if c4.shape[1] > 1 else 0 for _ in (q_heads, k_heads)]
+    yq, yk = torch.empty_like(q4), torch.empty_like(k4)
     rest = dim - rotary
-    _rope_kernel[(batch * heads * seq,)](x4, c4, s4, y, heads, seq, *x4.stride()[:3], *c4.stride()[:3],
-                                         *s4.stride()[:3], rotary // 2, dim, BACKWARD=backward,
-                                         BLOCK=block(rotary // 2), PASS=block(rest) if rest else 0)
-    return y.view(x.shape)
+    half = rotary // 2
+    width = block(half)
+    launch(_rope_kernel, (batch * seq,), q4, k4, c4, s4, yq, yk, seq, q4.stride(0), q4.stride(1), q4.stride(2),
+           k4.stride(0), k4.stride(1), k4.stride(2), yq.stride(0), yq.stride(1), yq.stride(2), yk.stride(0),
+           yk.stride(1), yk.stride(2), c4.stride(0), c4.stride(2), *head_stride, q_heads, k_heads, half, dim,
+           BACKWARD=backward, QH=block(q_heads), KH=block(k_heads), BLOCK=width, PASS=block(rest) if rest else 0,
+           num_warps=warps(2 * block(q_heads) * width))
+    return yq.view(q.shape), yk.view(k.shape)
 
 
-# Triton launches are custom ops, opaque to torch.compile. One op per tensor: its backward is the transposed rotation.
+# Triton launches are custom ops, opaque to torch.compile. Backward is the transposed rotation: the same op.
 
 @torch.library.custom_op("patchkit::rope_triton", mutates_args=())
-def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    return _rope_triton_one(x, cos, sin, backward)
+def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_triton(q, k, cos, sin, backward)
 
 
 @_rope_op.register_fake
-def _(x, cos, sin, backward):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(q, k, cos, sin, backward):
+    return (torch.empty_like(_unit_stride(_as4d(q))).view(q.shape),
+            torch.empty_like(_unit_stride(_as4d(k))).view(k.shape))
 
 
 def _rope_context(ctx, inputs, output):
-    _, cos, sin, ctx.backward = inputs
-    ctx.save_for_backward(cos, sin)
+    ctx.backward = inputs[4]
+    ctx.save_for_backward(*inputs[2:4])
 
 
-def _rope_grad(ctx, dy):
+def _rope_grad(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    return _rope_op(dy, cos, sin, not ctx.backward), None, None, None
+    return *_rope_op(dq, dk, cos, sin, not ctx.backward), None, None, None
 
 
 _rope_op.register_autograd(_rope_grad, setup_context=_rope_context)
@@ -196,4 +224,4 @@ def apply_rope_triton(q, k, cos, sin):
     _check(q, cos)
     if torch.promote_types(q.dtype, cos.dtype) == q.dtype:
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return _rope_op(q, cos, sin, False), _rope_op(k, cos, sin, False)
+    return _rope_op(q, k, cos, sin, False)

@@ -171,6 +171,17 @@ def chunking(request, monkeypatch):
         monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", request.param)
 
 
+@pytest.fixture(params=["host", "device"])
+def side(request, monkeypatch):
+    """The cross-entropy's two forms: where reading values is free (a CPU: ignored tokens dropped before the
+    matmul), and where it would stall a GPU (every decision kept on the device), run here on a CPU."""
+    from patchkit.kernels import cross_entropy
+
+    if request.param == "device":
+        monkeypatch.setattr(cross_entropy, "on_host", lambda t: False)
+    return request.param
+
+
 CE_CASES = {
     "mean": {},
     "sum": {"reduction": "sum"},
@@ -184,7 +195,7 @@ CE_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CE_CASES))
-def test_fused_linear_cross_entropy(K, dtype, case, chunking):
+def test_fused_linear_cross_entropy(K, dtype, case, chunking, side):
     kwargs = CE_CASES[case]
     hidden = torch.randn(3, 11, 40).to(dtype)
     weight = (0.3 * torch.randn(97, 40)).to(dtype)
@@ -217,7 +228,7 @@ def test_cross_entropy_shift_labels_and_frozen_weight(K):
 
 @pytest.mark.parametrize("reduction,divisor", [("mean", None), ("mean", 0), ("mean", torch.tensor(0)), ("mean", 7),
                                                ("sum", None), ("none", None)])
-def test_cross_entropy_all_ignored_gives_transformers_number(K, reduction, divisor):
+def test_cross_entropy_all_ignored_gives_transformers_number(K, reduction, divisor, side):
     """Nothing to learn: what transformers' `ForCausalLMLoss` gives (NaN for a mean or a zero divisor: 0 / 0), with
     the zero gradients it gives."""
     from transformers.loss.loss_utils import ForCausalLMLoss

@@ -33,9 +33,16 @@ def _grads(fn, h, w, t, weights, entropy_coef, autocast):
 @pytest.mark.parametrize("loss", ["mean", "weighted", "entropy"])
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_head", "trained_head"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
-def test_log_probs_match_trl_kernel(softcap, temperature, loss, weight_grad, autocast):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("side", ["host", "device"])
+def test_log_probs_match_trl_kernel(softcap, temperature, loss, weight_grad, autocast, backend, side, monkeypatch):
     """Every output field and both gradients, for a mean, a per-token weighted sum (DPO's, GRPO's) and an entropy
-    bonus, at TRL's temperatures."""
+    bonus, at TRL's temperatures; the Triton twin under the interpreter; and in the form a GPU runs, where
+    nothing is read on the host (a trained head's weight gradient always recomputed)."""
+    from patchkit.kernels import cross_entropy
+
+    if side == "device":
+        monkeypatch.setattr(cross_entropy, "on_host", lambda t: False)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(45, 24, generator=g).requires_grad_()
     w = (torch.randn(157, 24, generator=g) * 0.4).requires_grad_(weight_grad)
@@ -44,7 +51,7 @@ def test_log_probs_match_trl_kernel(softcap, temperature, loss, weight_grad, aut
     args = (h, w, t, weights, 0.3 if loss == "entropy" else 0.0, autocast)
     dtype = torch.bfloat16 if autocast else None
     kw = dict(softcap=softcap, temperature=temperature)
-    got = _grads(lambda *a: log_probs.linear_log_probs(*a, compute_dtype=dtype, **kw), *args)
+    got = _grads(lambda *a: log_probs.linear_log_probs(*a, compute_dtype=dtype, backend=backend, **kw), *args)
     expected = _grads(lambda *a: _trl(*a, softcap, temperature), *args)
     exact = _grads(lambda *a: log_probs.linear_log_probs(*a, **kw), h.detach().double().requires_grad_(),
                    w.detach().double().requires_grad_(weight_grad), t, weights.double(), *args[4:5], False)
@@ -61,10 +68,30 @@ def test_log_probs_match_trl_kernel(softcap, temperature, loss, weight_grad, aut
             assert (a - b).abs().max() <= 1e-5 * scale
 
 
-def test_only_the_fields_asked_for_are_computed():
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
+def test_triton_log_probs_stream_the_vocabulary_in_blocks(softcap, monkeypatch):
+    """Rows far wider than a block (the online log-sum-exp, entropy and argmax carried across blocks) at large
+    logits, where the entropy as lse - sum(p z) would cancel: the same fields as the torch twin."""
+    from patchkit.kernels import _triton
+
+    monkeypatch.setattr(_triton, "ROW_BLOCK", 32)
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(9, 16, generator=g) * 8, torch.randn(301, 16, generator=g)
+    t = torch.randint(0, 301, (9,), generator=g)
+    w[t[0]] = w[(t[0] + 40) % 301]  # a tie for the top logit: the first argmax counts
+    kw = dict(softcap=softcap, temperature=0.8)
+    got = log_probs.linear_log_probs(h, w, t, backend="triton", **kw)
+    want = log_probs.linear_log_probs(h.double(), w.double(), t, backend="torch", **kw)
+    assert torch.equal(got[4], want[4])
+    for a, b in zip(got[:4], want[:4], strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_only_the_fields_asked_for_are_computed(backend):
     g = torch.Generator().manual_seed(0)
     h, w, t = torch.randn(7, 8, generator=g), torch.randn(31, 8, generator=g), torch.randint(0, 31, (7,), generator=g)
-    fields = log_probs.linear_log_probs(h, w, t, outputs=("log_probs", "mean_logits"))
+    fields = log_probs.linear_log_probs(h, w, t, outputs=("log_probs", "mean_logits"), backend=backend)
     assert [f is not None for f in fields] == [True, False, False, True, False]
     torch.testing.assert_close(fields[3], (h @ w.T).mean(-1))
 

@@ -2,6 +2,10 @@
 
 On CUDA it compares the unfused PyTorch ops (as transformers writes them), patchkit's `torch`
 and `triton` providers and liger-kernel; elsewhere the unfused ops and the `torch` provider.
+Each row also gives the bandwidth achieved on the op's minimum traffic (`MINIMUM`: the bytes any
+implementation must read and write, forward and backward; docs/kernels.md), or for the fused
+cross-entropy, whose matmuls dominate, its matmul throughput; and, where liger-kernel ran, the
+time against liger's.
 Implementations are interleaved per repetition, their order reversed every other one, so drift and the cost of
 going first cancel; the median is reported.
 """
@@ -43,6 +47,25 @@ def _inputs(op, device, dtype):
         return randn(tokens, inter), randn(tokens, inter)
     labels = torch.randint(0, vocab, (1, tokens), device=device, generator=g)
     return randn(1, tokens, hidden), randn(vocab, hidden, scale=0.02), labels
+
+
+def _size(t):
+    return t.numel() * t.element_size()
+
+
+# bytes any implementation must move, forward + backward, given the op's inputs: read each input and write its
+# output in forward; read the output's gradient and the inputs, write the inputs' gradients in backward
+MINIMUM = {
+    "rms_norm": lambda x, w, eps: 5 * _size(x),  # fwd r x, w y; bwd r dy, x, w dx
+    "apply_rope": lambda q, k, cos, sin: 4 * (_size(q) + _size(k)),  # fwd r, w; bwd r, w (cos/sin: per position)
+    "swiglu": lambda g, u: 4 * _size(g),  # fwd r g, u, w y; bwd r dy, g, u, w dg, du: 8 per element
+    "geglu": lambda g, u: 4 * _size(g),
+}
+
+
+def _flops(op, args):
+    h, w, _ = args
+    return 6 * h.shape[:-1].numel() * h.shape[-1] * w.shape[0] if op == "fused_linear_cross_entropy" else 0
 
 
 def _peak_reset(device):
@@ -94,8 +117,12 @@ def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> d
                 del out, outs, leaves
         figures = {name: medians({"ms": [1e3 * t for t in times[name]], "peak_mib": [b / 2**20 for b in peaks[name]]})
                    for name in impls}
+        moved = MINIMUM[op](*args) if op in MINIMUM else 0
         for name, f in figures.items():
-            rows.append({"op": op, "impl": name, **f, "speedup": figures["unfused"]["ms"] / f["ms"]})
+            rows.append({"op": op, "impl": name, **f, "speedup": figures["unfused"]["ms"] / f["ms"],
+                         "gb_s": moved / f["ms"] / 1e6 if moved else None,
+                         "tflop_s": _flops(op, args) / f["ms"] / 1e9 if not moved else None,
+                         "vs_liger": figures["liger"]["ms"] / f["ms"] if "liger" in figures else None})
     return {"scenario": "kernels", "device": str(dev), "dtype": str(dt).replace("torch.", ""),
             "shapes": dict(zip(("tokens", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab"),
                                SHAPES["cuda" if dev.type == "cuda" else "cpu"])), "rows": rows}
@@ -103,7 +130,11 @@ def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> d
 
 def report(summary: dict) -> str:
     lines = [f"kernels, forward+backward, {summary['device']} {summary['dtype']}, shapes {summary['shapes']}",
-             "| op | implementation | ms | speed-up vs unfused | peak memory added (MiB) |", "|---|---|---|---|---|"]
+             "| op | implementation | ms | speed-up vs unfused | vs liger | GB/s on the minimum traffic (TFLOP/s: "
+             "matmuls) | peak memory added (MiB) |", "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['op']} | {r['impl']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['peak_mib']:.0f} |")
+        rate = f"{r['gb_s']:.0f}" if r.get("gb_s") else f"{r['tflop_s']:.1f} TFLOP/s" if r.get("tflop_s") else ""
+        liger = f"{r['vs_liger']:.2f}x" if r.get("vs_liger") else ""
+        lines.append(f"| {r['op']} | {r['impl']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {liger} | {rate} | "
+                     f"{r['peak_mib']:.0f} |")
     return "\n".join(lines)
