@@ -63,3 +63,13 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, sof
     loss = F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def linear_log_probs(hidden, weight, targets, *, softcap=None, temperature=1.0):
+    """The LM head, then per-token log-probabilities of the targets and the entropy, as an unfused RL trainer
+    computes them (float32 log-softmax of the logits)."""
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_p = torch.log_softmax(logits.float() / temperature, -1)
+    return log_p.gather(-1, targets[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)

@@ -46,6 +46,8 @@ def _inputs(op, device, dtype):
     if op in ("swiglu", "geglu"):
         return randn(tokens, inter), randn(tokens, inter)
     labels = torch.randint(0, vocab, (1, tokens), device=device, generator=g)
+    if op == "linear_log_probs":  # the tokens that count, flat, as TRL's head passes them
+        return randn(tokens, hidden), randn(vocab, hidden, scale=0.02), labels[0]
     return randn(1, tokens, hidden), randn(vocab, hidden, scale=0.02), labels
 
 
@@ -64,8 +66,12 @@ MINIMUM = {
 
 
 def _flops(op, args):
+    """The LM head's three matmuls (logits, and the gradients of hidden and weight)."""
     h, w, _ = args
-    return 6 * h.shape[:-1].numel() * h.shape[-1] * w.shape[0] if op == "fused_linear_cross_entropy" else 0
+    return 6 * h.shape[:-1].numel() * h.shape[-1] * w.shape[0] if op in HEADS else 0
+
+
+HEADS = ("fused_linear_cross_entropy", "linear_log_probs")
 
 
 def _peak_reset(device):
@@ -107,7 +113,8 @@ def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> d
                 before = _peak_reset(dev)
                 start = time.perf_counter()
                 out = get(op)(*leaves)
-                outs = out if isinstance(out, tuple) else (out,)
+                # log-probs: backward through the log-probs, as RL losses weight them (the entropy masks)
+                outs = out[:1] if op == "linear_log_probs" else out if isinstance(out, tuple) else (out,)
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
