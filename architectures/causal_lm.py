@@ -126,6 +126,7 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
     with `cast_lm_head_to_fp32`, else autocast's, else the hidden states'."""
     from trl.trainer.utils import FusedCausalLMOutput
 
+    from patchkit.kernels.cross_entropy import on_host
     from patchkit.kernels.log_probs import OUTPUTS, linear_log_probs
 
     shift_labels = loss_kwargs.get("shift_labels")
@@ -135,8 +136,12 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
         targets = shift_labels
     targets = targets.to(weight.device)
     mask = targets != -100
-    rows = mask.flatten().nonzero().squeeze(1)
-    flat = hidden.to(weight.device).reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    flat = hidden.to(weight.device).reshape(-1, hidden.shape[-1])
+    if on_host(flat):  # reading the mask stalls nothing: ignored tokens skip the matmul
+        rows = mask.flatten().nonzero().squeeze(1)
+        flat, counted = flat.index_select(0, rows), targets.flatten()[rows]
+    else:  # on a GPU finding them would stall it: every token goes through, the ignored ones' fields zeroed
+        rows, counted = None, targets.flatten().masked_fill(~mask.flatten(), 0)
     if scale is not None:
         flat = flat * scale
     device = weight.device.type
@@ -145,10 +150,12 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
     else:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
     with torch.autocast(device, enabled=False):
-        per_token = linear_log_probs(flat, weight, targets.flatten()[rows], softcap=softcap,
-                                     temperature=options.temperature, compute_dtype=dtype, outputs=options.outputs)
+        per_token = linear_log_probs(flat, weight, counted, softcap=softcap, temperature=options.temperature,
+                                     compute_dtype=dtype, outputs=options.outputs)
+    zero = torch.zeros((), device=mask.device)
     fields = {name: None if t is None else torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(
-        mask, t) for name, t in zip(OUTPUTS, per_token)}
+        mask, t) if rows is not None else torch.where(mask, t.view(mask.shape), zero.to(t.dtype))
+        for name, t in zip(OUTPUTS, per_token)}
     num_items = loss_kwargs.get("num_items_in_batch")
     loss = -fields["log_probs"].sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))
     return FusedCausalLMOutput(loss=loss if added is None else loss + added, label_mask=mask, aux_loss=aux_loss,

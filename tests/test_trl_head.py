@@ -128,10 +128,17 @@ def test_trainer_head_follows_patch_and_unpatch(tmp_path, monkeypatch):
     assert eval_logits.shape[-1] == text_vocab(model.config)
 
 
+@pytest.mark.parametrize("side", ["host", "device"])
 @pytest.mark.parametrize("module", ["sft_trainer", "dpo_trainer", "kto_trainer", "grpo_trainer", "rloo_trainer"])
-def test_every_trainers_head_is_patchkits_with_its_options(module, caplog):
-    """Each trainer's module holds its own `add_fused_lm_head`; each is patched, and the options reach the head."""
+def test_every_trainers_head_is_patchkits_with_its_options(module, side, caplog, monkeypatch):
+    """Each trainer's module holds its own `add_fused_lm_head`; each is patched, and the options reach the head;
+    in the form a GPU runs too (ignored tokens through the matmul with their fields zeroed: no `nonzero`)."""
     import importlib
+
+    from patchkit.kernels import cross_entropy
+
+    if side == "device":
+        monkeypatch.setattr(cross_entropy, "on_host", lambda t: False)
 
     from trl.trainer.utils import add_fused_lm_head as trl_head
 
@@ -139,6 +146,7 @@ def test_every_trainers_head_is_patchkits_with_its_options(module, caplog):
 
     trainer = importlib.import_module(f"trl.trainer.{module}")
     batch = tiny_batch(211)
+    assert (batch["labels"] == -100).any()  # ignored tokens to skip or zero
     with patchkit.patched("llama"):
         model = tiny_model(Llama).train()
         reference = tiny_model(Llama).train()
