@@ -142,6 +142,7 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
         flat, counted = flat.index_select(0, rows), targets.flatten()[rows]
     else:  # on a GPU finding them would stall it: every token goes through, the ignored ones' fields zeroed
         rows, counted = None, targets.flatten().masked_fill(~mask.flatten(), 0)
+        flat = torch.where(mask.flatten()[:, None], flat, 0.0)  # a NaN in padding reaches no gradient
     if scale is not None:
         flat = flat * scale
     device = weight.device.type

@@ -27,7 +27,7 @@ if __name__ == "kernels":
     sys.modules["kernels"] = _module
     _spec.loader.exec_module(_module)
 elif __name__ == "patchkit.kernels":
-    from . import _triton, liger
+    from . import _triton, liger, quantized
     from ._dispatch import (OPS, BackendError, Provider, clear_cache, dispatch, fell_back, prepare, resolve, served,
                             serving)
     from .cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entropy_torch,

@@ -171,19 +171,39 @@ def _log_probs(op, dt):
             op(h, w, targets, softcap=softcap, temperature=0.7, outputs=("log_probs", "entropy"))[:2], h, w)
 
 
+def _quantized(out, n_in, dt):
+    from .lora import Projection
+    from .quantized import Quantized
+
+    weight = Quantized(_meta(out * n_in // 2, 1, dtype=torch.uint8), _meta(out * n_in // 64, dtype=torch.float32),
+                       (out, n_in), dt, 4, 64, "nf4")
+    return Projection(weight, None, _meta(16, n_in, dtype=torch.float32, grad=True),
+                      _meta(out, 16, dtype=torch.float32, grad=True), 2.0)
+
+
+def _lora_linear(op, dt):  # over a 4-bit base (QLoRA): the base weight's dequantization launches
+    x = _meta(TOKENS, 4096, dtype=dt, grad=True)
+    yield "4-bit base 4096 -> 4096", lambda: _backward(op(x, _quantized(4096, 4096, dt)), x)
+
+
+def _lora_mlp(op, dt):
+    x = _meta(TOKENS, 4096, dtype=dt, grad=True)
+    projections = _quantized(14336, 4096, dt), _quantized(14336, 4096, dt), _quantized(4096, 14336, dt)
+    yield "4-bit bases 4096 -> 14336 -> 4096", lambda: _backward(op(x, *projections), x)
+
+
 SHAPES: dict[str, Callable] = {"rms_norm": _rms_norm, "apply_rope": _rope, "swiglu": _gated, "geglu": _gated,
-                               "fused_linear_cross_entropy": _cross_entropy, "linear_log_probs": _log_probs}
+                               "fused_linear_cross_entropy": _cross_entropy, "linear_log_probs": _log_probs,
+                               "lora_linear": _lora_linear, "lora_mlp": _lora_mlp}
 
 
 def record(target: str = "sm_90", dtypes=(torch.bfloat16, torch.float32)) -> dict[str, list[Launch]]:
-    """Each Triton-provider op's distinct launches at the shapes of `SHAPES` (an op that is a composition of
-    torch ops launches none)."""
-    from .providers import COMPOSITE, TRITON
+    """Each Triton-provider op's distinct launches at the shapes of `SHAPES` (the LoRA ops, compositions of torch
+    ops, launch only the dequantization of a quantized base)."""
+    from .providers import TRITON
 
     found: dict[str, list[Launch]] = {}
     for op, fn in TRITON.ops.items():
-        if op in COMPOSITE:
-            continue
         if op not in SHAPES:
             raise KeyError(f"no shapes to record the triton op {op!r} at: add them to SHAPES")
         distinct: dict[tuple, Launch] = {}

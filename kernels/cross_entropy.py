@@ -139,6 +139,11 @@ def _chunks(h, weight):
     return [slice(start, start + step) for start in range(0, h.shape[0], step)], _buffer(h, weight)
 
 
+def _zeroed(h, keep):
+    """`h` with the ignored tokens' rows zeroed: what they hold (a NaN in padding) cannot reach a gradient."""
+    return torch.where(keep[:, None], h, 0.0)
+
+
 def _none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if t is None else t  # an op's "no gradient asked for"
 
@@ -162,7 +167,7 @@ def _summed(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore
         hk, tk = (h, targets) if index is None else (h.index_select(0, index), targets.index_select(0, index))
         alpha, row_scale, kept = float(scale), None, None
     else:  # no host sync: every token goes through, an ignored one with a zero gradient and loss
-        hk, tk = h, targets.masked_fill(~keep, 0)
+        hk, tk = _zeroed(h, keep), targets.masked_fill(~keep, 0)
         alpha, row_scale, kept = 1.0, torch.where(keep, scale, 0.0), keep
     grad_h, grad_w = _grad_buffers(hk, weight, need_h, need_w)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -205,7 +210,7 @@ def _per_token(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ign
                rows: str) -> torch.Tensor:
     """Per-token loss (0 where ignored); chunks are recomputed in backward with the per-token grad."""
     keep = targets != ignore_index
-    safe = targets.masked_fill(~keep, 0)
+    safe, h = targets.masked_fill(~keep, 0), _zeroed(h, keep)
     loss = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     chunks, buffer = _chunks(h, weight)
     for rows_ in chunks:
@@ -223,7 +228,7 @@ def _per_token_backward(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.
                         ignore_index: int, softcap: float, rows: str, need_h: bool,
                         need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     keep = targets != ignore_index
-    safe = targets.masked_fill(~keep, 0)
+    safe, h = targets.masked_fill(~keep, 0), _zeroed(h, keep)
     grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w)
     row_grad = grad_loss.float() * keep
     chunks, buffer = _chunks(h, weight)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import quantized
 from ._dispatch import dispatch
 from .mlp import _gelu_tanh, _gelu_tanh_backward_, _silu_backward_
 
@@ -27,7 +28,7 @@ ACTIVATIONS = {"swiglu": (F.silu, _silu_backward_), "geglu": (_gelu_tanh, _gelu_
 
 
 class Projection(NamedTuple):
-    weight: torch.Tensor
+    weight: torch.Tensor | quantized.Quantized  # a quantized base (bitsandbytes): dequantized tile by tile
     bias: torch.Tensor | None = None
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
@@ -58,7 +59,10 @@ def _autocast(fn, x, *projections):
 
 def _forward(x2, p: Projection):
     """(x W^T + b + s (x A^T) B^T, x A^T)."""
-    y = torch.addmm(p.bias, x2, p.weight.t()) if p.bias is not None else x2 @ p.weight.t()
+    if isinstance(p.weight, quantized.Quantized):
+        y = quantized.linear(x2, p.weight, p.bias)
+    else:
+        y = torch.addmm(p.bias, x2, p.weight.t()) if p.bias is not None else x2 @ p.weight.t()
     if p.lora_a is None:
         return y, None
     xa = x2.to(p.lora_a.dtype) @ p.lora_a.t()
@@ -73,7 +77,9 @@ def _backward(g2, x2, p: Projection, xa, needs, dx=None):
     dw = g2.t() @ x2 if need_w else None
     db = g2.sum(0) if need_b else None
     da = dbl = None
-    if dx is None:
+    if isinstance(p.weight, quantized.Quantized):
+        dx = quantized.matmul(g2, p.weight, dx)
+    elif dx is None:
         dx = g2 @ p.weight
     else:
         dx.addmm_(g2, p.weight)
@@ -91,6 +97,16 @@ def _flat(p: Projection):
     return p.weight, p.bias, p.lora_a, p.lora_b
 
 
+def _save(ctx, *tensors):
+    """`save_for_backward`, with quantized weights (not tensors; held by their layers anyway) kept on ctx."""
+    ctx.quantized = {i: t for i, t in enumerate(tensors) if isinstance(t, quantized.Quantized)}
+    ctx.save_for_backward(*(None if i in ctx.quantized else t for i, t in enumerate(tensors)))
+
+
+def _saved(ctx):
+    return [ctx.quantized.get(i, t) for i, t in enumerate(ctx.saved_tensors)]
+
+
 def _needs(ctx, start):
     return ctx.needs_input_grad[start:start + 4]
 
@@ -101,13 +117,13 @@ class _LoRALinear(torch.autograd.Function):
         p = Projection(weight, bias, lora_a, lora_b, scaling)
         x2 = x.reshape(-1, x.shape[-1])
         y, xa = _forward(x2, p)
-        ctx.save_for_backward(x2, weight, bias, lora_a, lora_b, xa)
+        _save(ctx, x2, weight, bias, lora_a, lora_b, xa)
         ctx.scaling, ctx.shape = scaling, x.shape
         return y  # flat: the caller's reshape makes the view, so the result may be modified in place (OLMoE's clip)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, bias, lora_a, lora_b, xa = ctx.saved_tensors
+        x2, weight, bias, lora_a, lora_b, xa = _saved(ctx)
         p = Projection(weight, bias, lora_a, lora_b, ctx.scaling)
         dx, grads = _backward(dy.reshape(-1, dy.shape[-1]), x2, p, xa, _needs(ctx, 1))
         return (dx.view(ctx.shape) if ctx.needs_input_grad[0] else None), *grads, None
@@ -122,13 +138,13 @@ class _LoRAMLP(torch.autograd.Function):
         gate, xa_gate = _forward(x2, gate_p)
         up, xa_up = _forward(x2, up_p)
         out, xa_down = _forward(act(gate).mul_(up), down_p)
-        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, xa_down, *params)
+        _save(ctx, x2, gate, up, xa_gate, xa_up, xa_down, *params)
         ctx.activation, ctx.scalings, ctx.shape = activation, scalings, x.shape
         return out  # flat, as `_LoRALinear`
 
     @staticmethod
     def backward(ctx, dout):
-        x2, gate, up, xa_gate, xa_up, xa_down, *params = ctx.saved_tensors
+        x2, gate, up, xa_gate, xa_up, xa_down, *params = _saved(ctx)
         gate_p, up_p, down_p = (Projection(*params[i:i + 4], ctx.scalings[i // 4]) for i in (0, 4, 8))
         act, act_backward_ = ACTIVATIONS[ctx.activation]
         a = act(gate)

@@ -38,19 +38,25 @@ class Integration(Architecture):
 def lora_projection(layer: nn.Module, x) -> K.Projection | None:
     """A plain `nn.Linear` or a PEFT `lora.Linear` as the fused ops see it, or None where PEFT's own forward
     must run: dropout active in training, a LoRA variant (DoRA), a bias on B, several active adapters, a
-    merged-and-disabled layer, a quantized or transposed base layer, mixed dtypes outside autocast."""
+    merged-and-disabled layer, a transposed base layer, a base layer other than `nn.Linear` or bitsandbytes'
+    4-bit and 8-bit ones (logged once per type), mixed dtypes outside autocast."""
     if type(layer) is nn.Linear:
         return K.Projection(layer.weight, layer.bias)
     base = getattr(layer, "base_layer", None)
-    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
+    if base is None or getattr(layer, "fan_in_fan_out", False):
         return None
-    if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    plain = type(base) is nn.Linear and type(base.weight) is nn.Parameter  # not a tensor subclass (torchao)
+    weight = base.weight if plain else K.quantized.of(base)
+    if weight is None:
+        _unfused(base)
         return None
+    if weight is base.weight and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return None  # a quantized base casts its input itself
     if layer.merged or layer.disable_adapters:
-        return None if layer.merged and layer.disable_adapters else K.Projection(base.weight, base.bias)
+        return None if layer.merged and layer.disable_adapters else K.Projection(weight, base.bias)
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active:
-        return K.Projection(base.weight, base.bias)
+        return K.Projection(weight, base.bias)
     if len(active) > 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
     name = active[0]
@@ -59,7 +65,33 @@ def lora_projection(layer: nn.Module, x) -> K.Projection | None:
         return None
     if not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0:
         return None
-    return K.Projection(base.weight, base.bias, a.weight, b.weight, float(layer.scaling[name]))
+    return K.Projection(weight, base.bias, a.weight, b.weight, float(layer.scaling[name]))
+
+
+_unfused_types: set[str] = set()
+
+
+def _unfused(base: nn.Module) -> None:
+    """Log, once per base layer type, that LoRA over it runs PEFT's forward."""
+    kind = type(base.weight) if type(base) is nn.Linear else type(base)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if K.quantized.is_bitsandbytes(base):
+        why = "its weight is not quantized yet, or bitsandbytes repacked it for its CPU inference kernel"
+    else:
+        why = "patchkit fuses nn.Linear and bitsandbytes' Linear4bit and Linear8bitLt bases"
+    if name not in _unfused_types:
+        _unfused_types.add(name)
+        log.info("patchkit: LoRA over a %s base runs PEFT's own forward: %s", name, why)
+
+
+def _lora_forward(original, backend):
+    def forward(module, x, *args, **kwargs):
+        proj = None if args or kwargs else lora_projection(module, x)
+        if proj is None or proj.lora_a is None:
+            return original(module, x, *args, **kwargs)
+        return K.lora_linear(x, proj, backend=backend)
+
+    return forward
 
 
 class PeftLora(Integration):
@@ -69,15 +101,18 @@ class PeftLora(Integration):
 
     @replaces("lora", "Linear.forward")
     def lora(self, original):
-        backend = self.backend
+        return _lora_forward(original, self.backend)
 
-        def forward(module, x, *args, **kwargs):
-            proj = None if args or kwargs else lora_projection(module, x)
-            if proj is None or proj.lora_a is None:
-                return original(module, x, *args, **kwargs)
-            return K.lora_linear(x, proj, backend=backend)
 
-        return forward
+class PeftQLora(PeftLora):
+    """PEFT's LoRA layers over bitsandbytes' 4-bit and 8-bit bases (QLoRA), classes of their own: the same fused
+    forward, the base weight dequantized tile by tile into the matmuls (`kernels.quantized`)."""
+
+    name, package, module = "peft.lora.bnb", "bitsandbytes", "peft.tuners.lora.bnb"
+
+    @replaces("lora", "Linear4bit.forward", "Linear8bitLt.forward")
+    def lora(self, original):
+        return _lora_forward(original, self.backend)
 
 
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -207,7 +242,7 @@ class TrlRlooGeneration(TrlGeneration):
     name, module = "trl.rloo.generation", "trl.trainer.rloo_trainer"
 
 
-INTEGRATIONS: tuple[type[Integration], ...] = (PeftLora, TrlFusedHead, TrlDpoHead, TrlKtoHead, TrlGrpoHead,
+INTEGRATIONS: tuple[type[Integration], ...] = (PeftLora, PeftQLora, TrlFusedHead, TrlDpoHead, TrlKtoHead, TrlGrpoHead,
                                                 TrlRlooHead, TrlGeneration, TrlRlooGeneration)
 
 

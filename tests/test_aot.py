@@ -66,7 +66,8 @@ def test_every_kernel_compiles_for_every_target(compiled):
     usages = compiled["usages"]
     assert {u["target"] for u in usages} == {"sm_80", "sm_90", "gfx942"}
     ops = {u["op"] for u in usages}
-    assert ops == {"rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy", "linear_log_probs"}
+    assert ops == {"rms_norm", "apply_rope", "swiglu", "geglu", "fused_linear_cross_entropy", "linear_log_probs",
+                   "lora_linear", "lora_mlp"}
     errors = [(u["kernel"], u["target"], u["cases"][0], u["error"][:500]) for u in usages if u["error"]]
     assert not errors, errors
 
@@ -91,7 +92,8 @@ def test_offsets_are_64_bit(compiled):
 def test_every_launch_runs_on_its_tensors_device(compiled):
     assert compiled["guarded"] and all(device == 1 for _, device in compiled["guarded"]), compiled["guarded"]
     assert {name for name, _ in compiled["guarded"]} >= {"_fwd_kernel", "_bwd_kernel", "_rope_kernel", "_gated_fwd",
-                                                          "_gated_bwd", "_rows_kernel", "_log_probs_kernel"}
+                                                          "_gated_bwd", "_rows_kernel", "_log_probs_kernel",
+                                                          "_dequantize_4bit_kernel"}
 
 
 def test_the_guard_is_the_tensors_cuda_device():

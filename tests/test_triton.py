@@ -179,6 +179,42 @@ def test_gpu_providers_match_torch(backend, dtype):
             test_kernels._close(got, expected, dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_log_probs_twins_match(dtype):
+    """On a GPU: the Triton log-probs twin against the torch one, every field and both gradients (the form that
+    reads nothing on the host: a trained head's weight gradient recomputed)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(300, 256, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(50000, 256, device="cuda", generator=g) * 0.05).to(dtype)
+    t = torch.randint(0, 50000, (300,), device="cuda", generator=g)
+    weights = torch.rand(300, device="cuda", generator=g)
+    results = []
+    for backend in ("torch", "triton"):
+        hl, wl = h.detach().requires_grad_(), w.detach().requires_grad_()
+        fields = kernels.linear_log_probs(hl, wl, t, softcap=20.0, temperature=0.8, backend=backend)
+        (-(fields[0] * weights).sum() + 0.1 * fields[1].sum()).backward()
+        results.append([f.float() for f in fields[:4]] + [fields[4], hl.grad.float(), wl.grad.float()])
+    for got, expected in zip(results[1], results[0]):
+        if got.dtype == torch.bool:
+            assert (got == expected).float().mean() > 0.99  # ties at bf16 may break either way
+        else:
+            test_kernels._close(got, expected, dtype)
+
+
+@pytest.mark.cuda
+def test_kernels_run_on_their_tensors_gpu():
+    """A tensor on the second GPU, the first current: each Triton op runs there and gives the first GPU's result."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, w = torch.randn(64, 4096, device="cuda:0"), torch.randn(4096, device="cuda:0")
+    torch.cuda.set_device(0)
+    want = kernels.rms_norm(x, w, 1e-6, backend="triton")
+    got = kernels.rms_norm(x.to("cuda:1"), w.to("cuda:1"), 1e-6, backend="triton")
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want.cpu())
+
+
 NAN_BITS = [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFFC00000, 0x7FC00000]  # NVIDIA's canonical NaN, low payloads
 
 

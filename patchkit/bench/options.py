@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train, sft, rl: timed steps per variant per round (default: 2)")
     parser.add_argument("--only", choices=["lora", "full", "grpo", "dpo"],
                         help="sft: lora or full; rl: grpo or dpo (default: both)")
+    parser.add_argument("--qlora", action="store_true",
+                        help="sft: QLoRA (LoRA over a 4-bit nf4 base) patched against unpatched QLoRA, beside fp32 "
+                             "LoRA, in one run (needs bitsandbytes)")
     parser.add_argument("--compile", action="store_true",
                         help="train: torch.compile patched and unpatched too (on in `all`, unless --quick)")
     parser.add_argument("--sizes", nargs="+", default=["20M", "125M"], choices=["20M", "125M"],

@@ -36,7 +36,7 @@ def _run_one(scenario: str, arch: str, args, progress) -> dict:
                            compile=args.compile or (args.scenario == "all" and not quick))
     if scenario == "sft":
         only = args.only if args.only in ("lora", "full") else None
-        scenarios = ("lora",) if quick else (only,) if only else ("lora", "full")
+        scenarios = ("qlora", "lora") if args.qlora else ("lora",) if quick else (only,) if only else ("lora", "full")
         return sft.run(steps=1 if quick else args.steps, rounds=rounds, batch=2 if quick else args.batch,
                        seq=256 if quick else args.seq, scenarios=scenarios,
                        dims={**sft.MODEL, "vocab_size": 32000} if quick else sft.MODEL, arch=arch, progress=progress)
@@ -77,7 +77,7 @@ def rows(summary: dict) -> list[dict]:
             add(name, summary["arch"], "peak RSS (GiB)", u, p, "peak_gib", "memory")
             add(name, summary["arch"], "memory above weights+optimizer (GiB)", u, p, "model_added_gib", "memory")
     elif scenario == "sft":
-        for name in ("lora", "full"):
+        for name in sft.SCENARIOS:
             if name in summary:
                 u, p = summary[name]["unpatched"], summary[name]["patched"]
                 add(f"sft {name}", summary["arch"], "tokens/s", u, p, "tokens_per_s", "speed")

@@ -2,7 +2,9 @@
 
 A Llama-shaped model (hidden 512, 4 layers, vocab 128256) trains on synthetic documents of
 random length, packed (best-fit decreasing, padding-free) into 4 x 512 tokens, once with LoRA
-r=16 on every projection and once as a full fine-tune. Each round builds a fresh trainer per
+r=16 on every projection and once as a full fine-tune; with `--qlora`, QLoRA (the same LoRA over
+the model loaded in 4-bit nf4 with double quantization, `prepare_model_for_kbit_training`) beside
+fp32 LoRA. Each round builds a fresh trainer per
 variant from the same initial weights and times its steps; variants alternate (ABBA) so the
 machine's drift cancels. Peak memory is the process's resident high-water mark during a step.
 """
@@ -23,17 +25,29 @@ from .machine import matmul_flops
 from .models import LORA_TARGETS, model_for
 from .stats import cell, medians, summarised
 
+SCENARIOS = ("lora", "full", "qlora")
 MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1408, vocab_size=128256, max_position_embeddings=2048)
 
 
-def _model(state, lora: bool, dims: dict = MODEL, arch: str = "llama"):
-    model = model_for(arch, dims)[1]
-    model.load_state_dict(state)
-    if not lora:
-        return model
+def _model(state, lora: bool, dims: dict = MODEL, arch: str = "llama", quantized_from: str | None = None):
+    """The benchmark's model from `state`; with `quantized_from` (the model saved there), loaded in 4-bit."""
     from peft import LoraConfig, get_peft_model
 
+    if quantized_from:
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(quantized_from, quantization_config=quant, device_map="cpu",
+                                                     dtype=torch.float32)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # the trainer's setting
+    else:
+        model = model_for(arch, dims)[1]
+        model.load_state_dict(state)
+    if not lora:
+        return model
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                             task_type="CAUSAL_LM"))
 
@@ -69,6 +83,13 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
     matmul_params = n_params - state["model.embed_tokens.weight"].numel()
     summary = {"scenario": "sft", "arch": arch, "batch": batch, "seq": seq, "params": n_params,
                "threads": torch.get_num_threads()}
+    saved = None
+    if "qlora" in scenarios:  # loaded by path, quantized on load, as from the Hub
+        import tempfile
+
+        saved = tempfile.TemporaryDirectory(prefix="patchkit-bench-qlora-")
+        model.save_pretrained(saved.name)
+    del model
     for scenario in scenarios:
         results = {v: {"s": [], "peak": [], "tokens": []} for v in ("unpatched", "patched")}
         order = ["unpatched", "patched"]
@@ -81,20 +102,23 @@ def run(steps: int = 4, rounds: int = 2, batch: int = 4, seq: int = 512, scenari
                                      learning_rate=1e-4, logging_strategy="no", report_to="none", save_strategy="no",
                                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
                                      disable_tqdm=True)
-                    trainer = SFTTrainer(model=_model(state, scenario == "lora", dims, arch), args=args,
+                    model = _model(state, scenario != "full", dims, arch, saved.name if scenario == "qlora" else None)
+                    trainer = SFTTrainer(model=model, args=args,
                                          train_dataset=data, processing_class=tokenizer, callbacks=[_Timer(record)])
                     trainer.remove_callback(PrinterCallback)  # no metrics dict on stdout: the tables are the output
                     collate = trainer.data_collator
                     trainer.data_collator = lambda rows, _c=collate, _r=record: _count(_c(rows), _r)
                     trainer.train()
-                    del trainer
+                    del trainer, model
                 if progress and round_ >= 0:
                     progress(f"{scenario} round {round_ + 1}/{rounds} {variant}: "
                              f"{statistics.median(record['s'][-steps:]):.2f} s/step")
         if "attention" not in summary:
             summary["attention"] = attention_profile(state, results["unpatched"]["batch"], dims=dims,
                                                      arch=arch)
-        summary[scenario] = _summarise(results, matmul_params, config, seq, scenario == "lora")
+        summary[scenario] = _summarise(results, matmul_params, config, seq, scenario != "full")
+    if saved is not None:
+        saved.cleanup()
     summary["matmul_gflops"] = matmul_flops() / 1e9
     for scenario in scenarios:
         for variant in ("unpatched", "patched"):
@@ -149,7 +173,7 @@ def report(summary: dict) -> str:
     lines = [f"| {summary.get('arch', 'llama')} SFTTrainer, packed {summary['batch']} x {summary['seq']} tokens, "
              f"{summary['params'] / 1e6:.0f} M "
              f"params, {summary['threads']} threads | unpatched | patched | patched / unpatched |", "|---|---|---|---|"]
-    for scenario in ("lora", "full"):
+    for scenario in SCENARIOS:
         if scenario not in summary:
             continue
         u, p = summary[scenario]["unpatched"], summary[scenario]["patched"]
@@ -158,6 +182,11 @@ def report(summary: dict) -> str:
                                 ("peak RSS during a step (GiB)", "peak_gib", "{:.2f}")):
             lines.append(f"| {scenario}: {label} | {fmt.format(u[key])} | {fmt.format(p[key])} | "
                          f"{cell(u['samples'][key], p['samples'][key])} |")
+    if "qlora" in summary and "lora" in summary:
+        for variant in ("unpatched", "patched"):
+            q, f = summary["qlora"][variant], summary["lora"][variant]
+            lines.append(f"| QLoRA against fp32 LoRA, {variant}: steps/s, peak RSS | | | "
+                         f"{q['steps_per_s'] / f['steps_per_s']:.2f}x, {q['peak_gib'] / f['peak_gib']:.2f}x |")
     if "attention" in summary:
         a = summary["attention"]
         lines.append(f"| backbone fwd+bwd, packed row of {a['tokens']} tokens in {a['documents']} documents, only "
