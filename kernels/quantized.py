@@ -65,6 +65,13 @@ class Quantized:
             return self.shape[0]  # blocks straddle rows: one tile
         return min(rows, self.shape[0])
 
+    def tiles(self, dtype: torch.dtype):
+        """(rows, their dequantized weight) for each tile of output rows, in order."""
+        step = self.tile_rows()
+        for start in range(0, self.shape[0], step):
+            stop = min(start + step, self.shape[0])
+            yield slice(start, stop), self.tile(start, stop, dtype)
+
     def tile(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows start..stop of the weight, dequantized to `dtype`."""
         n_in = self.shape[1]
@@ -83,10 +90,8 @@ def linear(x2: torch.Tensor, w: Quantized, bias: torch.Tensor | None) -> torch.T
     dtype = w.dtype or x2.dtype
     xc = x2.to(dtype)
     y = torch.empty(x2.shape[0], w.shape[0], dtype=dtype, device=x2.device)
-    step = w.tile_rows()
-    for start in range(0, w.shape[0], step):
-        stop = min(start + step, w.shape[0])
-        torch.mm(xc, w.tile(start, stop, dtype).t(), out=y[:, start:stop])
+    for rows, tile in w.tiles(dtype):
+        torch.mm(xc, tile.t(), out=y[:, rows])
     if bias is not None:
         y.add_(bias.to(dtype))
     return y.to(x2.dtype)
@@ -98,10 +103,8 @@ def matmul(g2: torch.Tensor, w: Quantized, out: torch.Tensor | None = None) -> t
     dtype = w.dtype or g2.dtype
     gc = g2.to(dtype)
     acc = torch.zeros(g2.shape[0], w.shape[1], dtype=dtype, device=g2.device)
-    step = w.tile_rows()
-    for start in range(0, w.shape[0], step):
-        stop = min(start + step, w.shape[0])
-        acc.addmm_(gc[:, start:stop], w.tile(start, stop, dtype))
+    for rows, tile in w.tiles(dtype):
+        acc.addmm_(gc[:, rows], tile)
     if out is None:
         return acc.to(g2.dtype)
     return out.add_(acc)

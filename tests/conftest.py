@@ -1,6 +1,7 @@
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub: bitsandbytes' import asks it for a CPU kernel on AVX512-BF16
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before patchkit defines its Triton kernels: CPU CI runs them
 
 import pytest

@@ -244,3 +244,41 @@ def test_a_4bit_layer_bitsandbytes_repacked_runs_peft_and_says_why(caplog):
     with caplog.at_level(logging.INFO, logger="patchkit"):
         assert integrations.lora_projection(wrapper, torch.randn(2, 64)) is None
     assert any("Linear4bit" in r.getMessage() and "repacked" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", ["nf4-double", "fp4", "int8"])
+def test_qlora_on_a_gpu_matches_a_dequantized_float_model(quant, saved):
+    """On a GPU (bf16 compute, the Triton dequantization): patched QLoRA against the same adapters over the
+    dequantized weights in plain `nn.Linear` layers, unpatched."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    arch = next(a for a in BUILTIN if a.name == "llama")
+    path = saved(arch)
+    options = dict(QUANT[quant])
+    if "load_in_4bit" in options:
+        options["bnb_4bit_compute_dtype"] = torch.bfloat16
+    batch = {k: v.cuda() for k, v in tiny_batch(text_vocab(tiny_model(arch).config)).items()}
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**options),
+                                                     device_map="cuda", dtype=torch.bfloat16)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        torch.manual_seed(1)
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS[:7], lora_dropout=0.0, init_lora_weights=False)
+        return get_peft_model(model, config).train()
+
+    dense = load()
+    for module in dense.modules():
+        base = getattr(module, "base_layer", None)
+        weight = quantized.of(base) if base is not None else None
+        if weight is not None:
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+            linear.weight.data = weight.tile(0, weight.shape[0], torch.bfloat16)
+            linear.weight.requires_grad_(False)
+            module.base_layer = linear
+    want = train_step(dense, batch)
+    with patchkit.patched("llama"):
+        got = train_step(load(), batch)
+    _compare(got, want, 2e-2)
