@@ -126,7 +126,7 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
     with `cast_lm_head_to_fp32`, else autocast's, else the hidden states'."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from patchkit.kernels.cross_entropy import on_host
+    from patchkit.kernels.cross_entropy import _zeroed, on_host
     from patchkit.kernels.log_probs import OUTPUTS, linear_log_probs
 
     shift_labels = loss_kwargs.get("shift_labels")
@@ -142,7 +142,7 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
         flat, counted = flat.index_select(0, rows), targets.flatten()[rows]
     else:  # on a GPU finding them would stall it: every token goes through, the ignored ones' fields zeroed
         rows, counted = None, targets.flatten().masked_fill(~mask.flatten(), 0)
-        flat = torch.where(mask.flatten()[:, None], flat, 0.0)  # a NaN in padding reaches no gradient
+        flat = _zeroed(flat, mask.flatten())  # a NaN in padding reaches no gradient
     if scale is not None:
         flat = flat * scale
     device = weight.device.type
@@ -153,9 +153,8 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
     with torch.autocast(device, enabled=False):
         per_token = linear_log_probs(flat, weight, counted, softcap=softcap, temperature=options.temperature,
                                      compute_dtype=dtype, outputs=options.outputs)
-    zero = torch.zeros((), device=mask.device)
     fields = {name: None if t is None else torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(
-        mask, t) if rows is not None else torch.where(mask, t.view(mask.shape), zero.to(t.dtype))
+        mask, t) if rows is not None else t.view(mask.shape).masked_fill(~mask, 0)
         for name, t in zip(OUTPUTS, per_token)}
     num_items = loss_kwargs.get("num_items_in_batch")
     loss = -fields["log_probs"].sum() / (mask.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items))

@@ -41,11 +41,13 @@ class Quantized:
         return self.data.device
 
     def __getitem__(self, rows: slice) -> Quantized:
-        """Rows of the weight (a fused projection's halves), still quantized: whole blocks only."""
+        """Rows of the weight (a tile; a fused projection's halves), still quantized: whole blocks only."""
         start, stop, step = rows.indices(self.shape[0])
         n_in = self.shape[1]
         if step != 1:
             raise ValueError("a quantized weight slices whole rows, in order")
+        if (start, stop) == (0, self.shape[0]):
+            return self
         if self.bits == 8:
             return replace(self, data=self.data[start:stop], absmax=self.absmax[start:stop], shape=(stop - start, n_in))
         if (start * n_in) % self.blocksize or (stop * n_in) % self.blocksize:
@@ -69,20 +71,18 @@ class Quantized:
         """(rows, their dequantized weight) for each tile of output rows, in order."""
         step = self.tile_rows()
         for start in range(0, self.shape[0], step):
-            stop = min(start + step, self.shape[0])
-            yield slice(start, stop), self.tile(start, stop, dtype)
+            rows = slice(start, min(start + step, self.shape[0]))
+            yield rows, self[rows].dequantized(dtype)
 
-    def tile(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start..stop of the weight, dequantized to `dtype`."""
-        n_in = self.shape[1]
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`."""
         if self.bits == 8:
-            return (self.data[start:stop].to(torch.float32) * (self.absmax[start:stop, None] / 127)).to(dtype)
-        packed = self.data.view(-1)[start * n_in // 2: stop * n_in // 2]
-        absmax = self.absmax[start * n_in // self.blocksize: -(-stop * n_in // self.blocksize)]
+            return (self.data.to(torch.float32) * (self.absmax[:, None] / 127)).to(dtype)
         if self.device.type in ("cuda", "meta") and triton is not None:  # meta: a GPU's launches, recorded
-            return dequantize_4bit_triton(packed, absmax, self.blocksize, self.quant_type, (stop - start, n_in), dtype)
-        return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, self.blocksize, self.quant_type,
-                                                      [stop - start, n_in], dtype)
+            return dequantize_4bit_triton(self.data.view(-1), self.absmax, self.blocksize, self.quant_type,
+                                          self.shape, dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit(self.data.view(-1), self.absmax, self.blocksize,
+                                                      self.quant_type, list(self.shape), dtype)
 
 
 def linear(x2: torch.Tensor, w: Quantized, bias: torch.Tensor | None) -> torch.Tensor:

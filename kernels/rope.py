@@ -147,17 +147,17 @@ def _rotate_heads(X, sxh, Y, syh, C, sch, S, ssh, heads, half, dim, BACKWARD: tl
 
 @jit
 def _rope_kernel(Q, K, C, S, YQ, YK, seq, sqb, sqh, sql, skb, skh, skl, syqb, syqh, syql, sykb, sykh, sykl,
-                 scb, scl, sch_q, sch_k, q_heads, k_heads, half, dim, BACKWARD: tl.constexpr, QH: tl.constexpr,
+                 scb, scl, sch, q_heads, k_heads, half, dim, BACKWARD: tl.constexpr, QH: tl.constexpr,
                  KH: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr):
     """One (batch, position): every q head, then every k head, against that position's cos and sin. Strides are
     in elements, per (batch, head, position); cos and sin share theirs."""
     pid = tl.program_id(0).to(tl.int64)
     b, pos = pid // seq, pid % seq
     table = b * scb + pos * scl
-    _rotate_heads(Q + b * sqb + pos * sql, sqh, YQ + b * syqb + pos * syql, syqh, C + table, sch_q, S + table,
-                  sch_q, q_heads, half, dim, BACKWARD, QH, BLOCK, PASS)
-    _rotate_heads(K + b * skb + pos * skl, skh, YK + b * sykb + pos * sykl, sykh, C + table, sch_k, S + table,
-                  sch_k, k_heads, half, dim, BACKWARD, KH, BLOCK, PASS)
+    _rotate_heads(Q + b * sqb + pos * sql, sqh, YQ + b * syqb + pos * syql, syqh, C + table, sch, S + table, sch,
+                  q_heads, half, dim, BACKWARD, QH, BLOCK, PASS)
+    _rotate_heads(K + b * skb + pos * skl, skh, YK + b * sykb + pos * sykl, sykh, C + table, sch, S + table, sch,
+                  k_heads, half, dim, BACKWARD, KH, BLOCK, PASS)
 
 
 def _as4d(t):
@@ -180,14 +180,14 @@ def _rope_triton(q, k, cos, sin, backward):
     s4 = _as4d(sin).expand(batch, -1, seq, rotary)
     if c4.stride() != s4.stride() or c4.stride(-1) != 1:  # one set of strides for both tables
         c4, s4 = c4.contiguous(), s4.contiguous()
-    head_stride = [c4.stride(1) if c4.shape[1] > 1 else 0 for _ in (q_heads, k_heads)]
+    head_stride = c4.stride(1) if c4.shape[1] > 1 else 0  # tables per head, or one row every head shares
     yq, yk = torch.empty_like(q4), torch.empty_like(k4)
     rest = dim - rotary
     half = rotary // 2
     width = block(half)
     launch(_rope_kernel, (batch * seq,), q4, k4, c4, s4, yq, yk, seq, q4.stride(0), q4.stride(1), q4.stride(2),
            k4.stride(0), k4.stride(1), k4.stride(2), yq.stride(0), yq.stride(1), yq.stride(2), yk.stride(0),
-           yk.stride(1), yk.stride(2), c4.stride(0), c4.stride(2), *head_stride, q_heads, k_heads, half, dim,
+           yk.stride(1), yk.stride(2), c4.stride(0), c4.stride(2), head_stride, q_heads, k_heads, half, dim,
            BACKWARD=backward, QH=block(q_heads), KH=block(k_heads), BLOCK=width, PASS=block(rest) if rest else 0,
            num_warps=warps(2 * block(q_heads) * width))
     return yq.view(q.shape), yk.view(k.shape)

@@ -107,9 +107,9 @@ def test_the_fused_path_replaces_bitsandbytes_matmul(saved, monkeypatch):
     arch = next(a for a in BUILTIN if a.name == "llama")
     path = saved(arch)
     calls, tiles = [], []
-    real_matmul, real_tile = bnb.matmul_4bit, quantized.Quantized.tile
+    real_matmul, real_tile = bnb.matmul_4bit, quantized.Quantized.dequantized
     monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: calls.append(1) or real_matmul(*a, **k))
-    monkeypatch.setattr(quantized.Quantized, "tile", lambda self, *a: tiles.append(1) or real_tile(self, *a))
+    monkeypatch.setattr(quantized.Quantized, "dequantized", lambda self, *a: tiles.append(1) or real_tile(self, *a))
     with patchkit.patched("llama"):
         model = _qlora(path, "nf4-double")
         train_step(model, tiny_batch(text_vocab(model.config)))
@@ -124,7 +124,7 @@ def test_tiles_cover_the_weight_whatever_their_size(monkeypatch):
                                      compress_statistics=True, blocksize=64)
     layer = layer.to("cpu")
     w = quantized.of(layer)
-    dense = w.tile(0, 96, torch.float32)
+    dense = w.dequantized(torch.float32)
     x, g = torch.randn(7, 256), torch.randn(7, 96)
     for elements in (256, 256 * 5, 1 << 22):
         monkeypatch.setattr(quantized, "TILE_ELEMENTS", elements)
@@ -275,7 +275,7 @@ def test_qlora_on_a_gpu_matches_a_dequantized_float_model(quant, saved):
         weight = quantized.of(base) if base is not None else None
         if weight is not None:
             linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
-            linear.weight.data = weight.tile(0, weight.shape[0], torch.bfloat16)
+            linear.weight.data = weight.dequantized(torch.bfloat16)
             linear.weight.requires_grad_(False)
             module.base_layer = linear
     want = train_step(dense, batch)
