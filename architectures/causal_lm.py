@@ -90,7 +90,7 @@ def fused_forward(arch, original):
         if fused_lm_head:
             options = fused_lm_head if isinstance(fused_lm_head, FusedHead) else FusedHead()
             return trl_output(hidden, head.weight, labels, softcap, loss_kwargs, added, scale, fields.get("aux_loss"),
-                              options)
+                              options, backend=arch.backend)
         from transformers.modeling_utils import slice_logits_to_keep
 
         hidden = slice_logits_to_keep(hidden, bound.get("logits_to_keep", 0))
@@ -119,11 +119,11 @@ class FusedHead:
 
 
 def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=None, aux_loss=None,
-               options: FusedHead = FusedHead()):
+               options: FusedHead = FusedHead(), *, backend: str = "auto"):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`; ignored tokens skip the matmul (and
     the logit scale, applied to the counted rows' hidden states). `added` joins the loss (a router's weighted
     auxiliary loss), `aux_loss` is that loss unweighted, as TRL reports it. The matmuls run in TRL's dtype: float32
-    with `cast_lm_head_to_fp32`, else autocast's, else the hidden states'."""
+    with `cast_lm_head_to_fp32`, else autocast's, else the hidden states'. `backend`: the patch's, as for the loss."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     from patchkit.kernels.cross_entropy import _zeroed, on_host
@@ -152,7 +152,7 @@ def trl_output(hidden, weight, labels, softcap, loss_kwargs, added=None, scale=N
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
     with torch.autocast(device, enabled=False):
         per_token = linear_log_probs(flat, weight, counted, softcap=softcap, temperature=options.temperature,
-                                     compute_dtype=dtype, outputs=options.outputs)
+                                     compute_dtype=dtype, outputs=options.outputs, backend=backend)
     fields = {name: None if t is None else torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(
         mask, t) if rows is not None else t.view(mask.shape).masked_fill(~mask, 0)
         for name, t in zip(OUTPUTS, per_token)}

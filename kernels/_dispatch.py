@@ -64,6 +64,9 @@ def resolve(op: str, backend: str, device_type: str) -> Callable:
 
 
 def _resolve(op: str, backend: str, device_type: str) -> Callable:
+    """`auto`: the highest-priority provider offered there that has the op, else torch's. An explicit backend: its
+    implementation, after checking it can run on the device (a `BackendError` says why not); an op it lacks runs the
+    `torch` provider's, which has every op (the LoRA ops, matmuls, are torch's alone)."""
     providers = _providers()
     if backend == "auto":
         candidates = [p for p in providers.values()
@@ -77,6 +80,8 @@ def _resolve(op: str, backend: str, device_type: str) -> Callable:
     reason = provider.unavailable(device_type)
     if reason:
         raise BackendError(f"{reason}; use backend='auto' or move the model to a supported device")
+    if op not in provider.ops and op in providers["torch"].ops:
+        return providers["torch"].ops[op]
     if op not in provider.ops:
         raise BackendError(f"backend {backend!r} has no {op!r}; it provides {', '.join(provider.ops)}")
     return provider.ops[op]

@@ -198,14 +198,16 @@ SHAPES: dict[str, Callable] = {"rms_norm": _rms_norm, "apply_rope": _rope, "swig
 
 
 def record(target: str = "sm_90", dtypes=(torch.bfloat16, torch.float32)) -> dict[str, list[Launch]]:
-    """Each Triton-provider op's distinct launches at the shapes of `SHAPES` (the LoRA ops, compositions of torch
-    ops, launch only the dequantization of a quantized base)."""
-    from .providers import TRITON
+    """Each op's distinct launches under `backend="triton"` at the shapes of `SHAPES` (the LoRA ops, torch's
+    compositions, which the triton backend runs too, launch only the dequantization of a quantized base)."""
+    from ._dispatch import OPS
+    from .providers import TORCH, TRITON
 
     found: dict[str, list[Launch]] = {}
-    for op, fn in TRITON.ops.items():
+    for op in OPS:
+        fn = TRITON.ops.get(op, TORCH.ops[op])
         if op not in SHAPES:
-            raise KeyError(f"no shapes to record the triton op {op!r} at: add them to SHAPES")
+            raise KeyError(f"no shapes to record the op {op!r} at: add them to SHAPES")
         distinct: dict[tuple, Launch] = {}
         for dt in dtypes:
             for case, run in SHAPES[op](fn, dt):

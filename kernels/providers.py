@@ -11,7 +11,8 @@ from .mlp import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
 from .rms_norm import rms_norm_torch, rms_norm_triton
 from .rope import apply_rope_torch, apply_rope_triton
 
-# matmuls with in-place epilogues: the same composition serves every backend
+# matmuls with in-place epilogues, no kernel of their own to gain (docs/kernels.md): the torch provider's alone; an
+# explicit triton or liger backend runs them too, as it runs any op it lacks (`_dispatch._resolve`)
 COMPOSITE = {"lora_linear": lora_linear_torch, "lora_mlp": lora_mlp_torch}
 
 TORCH = Provider(
@@ -40,7 +41,6 @@ TRITON = Provider(
         "geglu": geglu_triton,
         "fused_linear_cross_entropy": fused_linear_cross_entropy_triton,
         "linear_log_probs": linear_log_probs_triton,
-        **COMPOSITE,
     },
     devices=("cuda",),
     auto_devices=("cuda",),
@@ -57,7 +57,6 @@ LIGER = Provider(
         "swiglu": liger.swiglu_liger,
         "geglu": liger.geglu_liger,
         "fused_linear_cross_entropy": liger.fused_linear_cross_entropy_liger,
-        **COMPOSITE,
     },
     devices=("cuda",),
     auto_devices=("cuda",),

@@ -27,14 +27,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
-    "Architecture", "BackendError", "Patch", "PatchError", "Provider", "UnknownArchitectureError", "architectures",
-    "backends", "for_inference", "for_training", "generate", "hookimpl", "is_patched", "patch", "patched", "replaces",
-    "unpatch", "verify",
+    "Architecture", "BackendError", "Patch", "PatchError", "Provider", "UnknownArchitectureError", "UsageError",
+    "architectures", "backends", "for_inference", "for_training", "generate", "hookimpl", "is_patched", "patch",
+    "patched", "replaces", "unpatch", "verify",
 ]
 
 
 class UnknownArchitectureError(PatchError, ValueError):
     """The target names no registered architecture."""
+
+
+class UsageError(TypeError):
+    """`patch()` was given an argument it does not take: a target of another type, an unknown op. A `TypeError`,
+    as Python's own for a bad argument; the CLI reports it (like `PatchError`, `BackendError`) in one line."""
 
 
 class Patch:
@@ -77,7 +82,7 @@ class Patch:
 
 
 def _unwrap(model: Any) -> Any:
-    for attr in ("module", "get_base_model"):  # DDP/accelerate wrappers, then PEFT
+    for attr in ("_orig_mod", "module", "get_base_model"):  # torch.compile's, DDP/accelerate wrappers, then PEFT
         inner = getattr(model, attr, None)
         if inner is not None:
             model = _unwrap(inner() if callable(inner) and attr == "get_base_model" else inner)
@@ -103,7 +108,7 @@ def _resolve(target: Any) -> list[type[Architecture]]:
         return [arch for item in target for arch in _resolve(item)]
     keys = [target] if isinstance(target, str) else _model_types(target)
     if not keys:
-        raise TypeError(f"patchkit takes {TARGETS}; got {type(target).__name__} {target!r:.80}")
+        raise UsageError(f"patchkit takes {TARGETS}; got {type(target).__name__} {target!r:.80}")
     found = [registry.model_types[key] for key in keys if key in registry.model_types]
     if found and isinstance(target, str) and found[0].text_model_type in registry.model_types:
         found.append(registry.model_types[found[0].text_model_type])  # a wrapper by name: its usual language model
@@ -140,7 +145,7 @@ def patch(target: Any = None, *, backend: str = "auto", **ops: bool) -> Patch:
     known_ops = {op for arch in archs for op in arch.ops()}
     unknown = sorted(set(ops) - known_ops)
     if unknown:
-        raise TypeError(f"unknown op(s) {', '.join(unknown)}; the ops are {', '.join(sorted(known_ops))}")
+        raise UsageError(f"unknown op(s) {', '.join(unknown)}; the ops are {', '.join(sorted(known_ops))}")
     _check_backend(backend, target, archs)
     handle = Patch([a.name for a in archs], backend)
     with patcher.lock:

@@ -13,7 +13,6 @@ original function unchanged.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -39,7 +38,7 @@ def per_document(resolve: Callable[[], Callable], causal_without_mask: bool = Fa
         # and finding them would sync with the host
         if query.shape[2] < 2 or torch.compiler.is_compiling():
             return fn(module, query, key, value, attention_mask, **kwargs)
-        docs = _documents_once(query, key, attention_mask, kwargs.get("position_ids"))
+        docs = documents(query, key, attention_mask, kwargs.get("position_ids"))
         if docs is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
@@ -59,43 +58,30 @@ def per_document(resolve: Callable[[], Callable], causal_without_mask: bool = Fa
     return attention
 
 
-_last: list = [None, None, None]  # (weak refs to the position ids and mask, versions, documents) of the last call
-
-
-def _documents_once(query, key, mask, position_ids):
-    """`documents`, found once per forward: every layer passes the same position ids and mask."""
-    if not isinstance(mask, torch.Tensor) or position_ids is None or _recording_attentions():
-        return None
-    refs, versions, docs = _last
-    now = (position_ids._version, mask._version, query.shape[0], query.shape[2], key.shape[2])
-    if refs is not None and refs[0]() is position_ids and refs[1]() is mask and versions == now:
-        return docs
-    docs = documents(query, key, mask, position_ids)
-    _last[:] = [(weakref.ref(position_ids), weakref.ref(mask)), now, docs]
-    return docs
-
-
 def documents(query, key, mask, position_ids) -> list[list[int]] | None:
-    """Per row, the document boundaries `[0, s1, ..., length]`, or None when attention must run unsplit."""
+    """Per row, the document boundaries `[0, s1, ..., length]`, or None when attention must run unsplit. Every
+    layer asks again (nothing is cached on the caller's tensors): one read from the device a call."""
     length = query.shape[2]
     if (not isinstance(mask, torch.Tensor) or mask.dim() != 4 or position_ids is None or length < 2
             or key.shape[2] != length or mask.shape[-2:] != (length, length) or position_ids.shape[-1] != length
             or _recording_attentions()):
         return None
-    positions = position_ids.expand(query.shape[0], length)
-    resets = (positions.diff(dim=-1) != 1).nonzero()
-    if resets.numel() == 0:
-        return None
-    row, start = resets[:, 0], resets[:, 1] + 1
+    resets = position_ids.expand(query.shape[0], length).diff(dim=-1) != 1  # (batch, length - 1): a start at j + 1
     # transformers' packed mask hides the previous document from a document's first token; a plain causal
-    # mask (an attention_mask was passed, so transformers did not separate documents) does not
-    seen = mask[row if mask.shape[0] > 1 else torch.zeros_like(row), 0, start, start - 1]
-    if bool((seen if seen.dtype == torch.bool else seen > torch.finfo(seen.dtype).min / 2).any()):
+    # mask (an attention_mask was passed, so transformers did not separate documents) does not; and padding
+    # hides a pad from itself, which a packed mask never does (a pad's reset position is not a document)
+    seen, self_seen = (_visible(mask[:, 0].diagonal(offset=k, dim1=-2, dim2=-1)) for k in (-1, 0))
+    read = torch.cat([resets.flatten(), ((resets & seen).any() | ~self_seen.all()).view(1)]).cpu()
+    if read[-1] or not read[:-1].any():
         return None
     bounds = [[0] for _ in range(query.shape[0])]
-    for b, s in zip(row.tolist(), start.tolist()):
-        bounds[b].append(s)
+    for b, s in read[:-1].view(resets.shape).nonzero().tolist():
+        bounds[b].append(s + 1)
     return [b + [length] for b in bounds]
+
+
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def _recording_attentions() -> bool:

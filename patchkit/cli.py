@@ -32,8 +32,12 @@ def _list(args) -> int:
             line += f"; changes {', '.join(changes) if changes else f'nothing in the ops of {parent}'}"
         print(line)
     print("backends:")
-    for name, info in patchkit.backends().items():
-        print(f"  {name}: devices {', '.join(info['devices'])}; ops {', '.join(info['ops'])}")
+    backends = patchkit.backends()
+    every = backends["torch"]["ops"]
+    for name, info in backends.items():
+        lacks = [op for op in every if op not in info["ops"]]  # a backend runs torch's for an op it lacks
+        print(f"  {name}: devices {', '.join(info['devices'])}; ops {', '.join(info['ops'])}"
+              + (f"; runs torch's {', '.join(lacks)}" if lacks else ""))
     return 0
 
 
@@ -98,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except Exception as err:  # a clear one-line error for the user, not a traceback
-        from patchkit import BackendError, PatchError
+    except Exception as err:  # patchkit's errors for bad input: one line; anything else (a bug): its traceback
+        from patchkit import BackendError, PatchError, UsageError
 
-        if isinstance(err, (PatchError, BackendError, TypeError)):
+        if isinstance(err, (PatchError, BackendError, UsageError)):
             print(f"patchkit: error: {err}", file=sys.stderr)
             return 2
         raise

@@ -131,12 +131,12 @@ def _unusable_head(model) -> str | None:
 def fused_head_unserved(model) -> str | None:
     """Why patchkit's causal-LM forward cannot compute what TRL's head would for `model` (None: it can). A logit
     multiplier in the config counts only where the family's architecture applies it (`logit_scale`)."""
-    from . import UnknownArchitectureError, _resolve
+    from . import UnknownArchitectureError, UsageError, _resolve
 
     text = model.config.get_text_config()
     try:
         arch = _resolve(model)[0]
-    except (UnknownArchitectureError, TypeError) as err:
+    except (UnknownArchitectureError, UsageError) as err:
         return f"no patchkit architecture serves it ({str(err).split(';')[0]})"
     scaled = [k for k in _LOGIT_SCALES if getattr(text, k, None) not in (None, 1, 1.0)]
     if scaled and arch().logit_scale(text) is None:

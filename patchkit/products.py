@@ -1,19 +1,21 @@
-"""Matrix products of the inference path: `project(linear, x)`, with the fastest CPU kernel for its shape.
+"""Matrix products of the decode loop: `project(linear, x)`, with the fastest CPU kernel for its shape.
 
 Decoding multiplies every weight by a few rows per step, and which BLAS call does that fastest depends on
-the machine. On one 2-core Xeon, MKL's packed copy of the weight was 1.5x faster than `W @ x^T` at 8 rows.
-On one 2-core EPYC, for the 125M model's layer weights streamed from memory, oneDNN's packed copy was 1.6x
-faster than any of the others at 1 row, and at 8 rows 2.3x faster than `x @ W^T`, with `W @ x^T` second
-(1.9x) and MKL's packed copy third. So for a float32 CPU weight without autograd, the first product of each
-(weight shape, row count) in a process times the candidates — `x @ W^T` (`F.linear`), `W @ x^T`, and
-MKL's and oneDNN's packed copies where torch has them — from a cold cache, and every later product uses
-the fastest. Packed copies cost as much memory again as their weights: a decode call (`Products`) makes
-them on first use, only where one is the fastest, while they fit in half the memory available when it
-began, and frees them when it ends.
+the machine: on 2-core cloud CPUs, oneDNN's or MKL's packed copy of a weight beats `x @ W^T` by 1.5-2.3x at
+1-8 rows, and `W @ x^T` often comes second. So inside a decode call (`Products` set by `Decoding.step`), the
+first product of each float32 CPU (weight shape, row count) in a process times the candidates — `x @ W^T`
+(`F.linear`), `W @ x^T`, and MKL's and oneDNN's packed copies where torch has them — from a cold cache
+(logged once per process), and every later product uses the fastest. Packed copies cost as much memory
+again as their weights: a decode call makes them on first use, only where one is the fastest, while they fit
+in half the memory available when it began, and frees them when it ends. `PATCHKIT_TIMED_PRODUCTS=0` turns
+the timing off (every product is `F.linear`). Outside a decode call `project` is `linear(x)`: a user's own
+forwards time nothing and allocate nothing. The timing draws no random numbers from the user's generator.
 """
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import time
 from contextvars import ContextVar
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from .system import proc_field
 
+log = logging.getLogger("patchkit")
 _ranked: dict[tuple, tuple[str, ...]] = {}  # (out, in, rows, bias, threads) -> kernels, fastest first
 
 
@@ -69,7 +72,10 @@ def ranking(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple
     each kernel's figure is its best of 3 interleaved timings after one to warm up."""
     key = (*weight.shape, rows, bias is None, torch.get_num_threads())
     if key not in _ranked:
-        x2 = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        if not _ranked:
+            log.info("patchkit: the decode loop times %s for each weight shape's first product in this process and "
+                     "uses the fastest (PATCHKIT_TIMED_PRODUCTS=0: F.linear only)", ", ".join(available()))
+        x2 = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
         weights = [weight, *(weight.clone() for _ in range(min(7, (32 << 20) // weight.nbytes)))]
         names = available()
         copies = {name: [copy_for(name, w, rows) for w in weights] for name in names}
@@ -102,6 +108,11 @@ def _evict_caches() -> None:
     _cache_sized_buffer().sum()  # a read: no dirty lines left for the timed kernel to write back
 
 
+def timed() -> bool:
+    """Whether decode calls time their products (`PATCHKIT_TIMED_PRODUCTS`, on unless "0")."""
+    return os.environ.get("PATCHKIT_TIMED_PRODUCTS", "1") != "0"
+
+
 def _measurable(weight: torch.Tensor, rows: int) -> bool:
     return (rows <= 64 and weight.numel() >= MEASURED and weight.device.type == "cpu" and weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
@@ -116,13 +127,13 @@ class Products(dict):
 
     def __init__(self, rows: int, packed: bool = True):
         super().__init__()
-        self.rows = rows
+        self.rows, self.timed = rows, timed()
         self.budget = _available_memory() // 2 if rows <= 64 and packed else 0
 
     def __missing__(self, linear: nn.Linear):
         weight, bias = linear.weight, linear.bias
         choice = None
-        if _measurable(weight, self.rows):
+        if self.timed and _measurable(weight, self.rows):
             copies = {name for name, (_, make, _) in KERNELS.items() if make is not None}
             name = next(n for n in ranking(weight, bias, self.rows) if n not in copies or weight.nbytes <= self.budget)
             if name in copies:
@@ -143,25 +154,14 @@ _products: ContextVar[Products | None] = ContextVar("patchkit_products", default
 
 
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`linear(x)`. A plain float32 `nn.Linear` on a CPU without autograd runs the fastest product for its shape:
-    in a decode step (`Products` set), the packed copy where that is the fastest; elsewhere (a patched MLP under
-    transformers' own loop), `W @ x^T` where that beats `F.linear`. Anything else (PEFT LoRA, a quantized layer)
-    is called as it is."""
-    if type(linear) is not nn.Linear:
+    """`linear(x)`; in a decode step (`Products` set), a plain float32 `nn.Linear` on a CPU runs the fastest product
+    for its shape (a packed copy where that is the fastest). Anything else (PEFT LoRA, a quantized layer, autograd,
+    a graph being compiled, a user's own forward) calls the layer, hooks and all."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or type(linear) is not nn.Linear:
+        return linear(x)  # before the context variable: dynamo cannot read one
+    products = _products.get()
+    if products is None or x.dim() != 2 or x.shape[0] != products.rows:  # not a decode step's rows
         return linear(x)
     weight, bias = linear._parameters["weight"], linear._parameters["bias"]  # a plain Linear: no module lookup
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training, or a graph: F.linear is the product
-        return F.linear(x, weight, bias)
-    products = _products.get()
-    if products is not None:
-        if x.dim() == 2 and x.shape[0] == products.rows:  # a decode step's rows
-            choice = products[linear]
-            if choice is not None:
-                return choice(x, weight, bias)
-    else:
-        rows = x.numel() // x.shape[-1]
-        if _measurable(weight, rows):
-            ranked = ranking(weight, bias, rows)  # no copies outside a decode call: `W @ x^T` or `F.linear`
-            if ranked.index("wxt") < ranked.index("linear"):
-                return _wxt(x.reshape(rows, -1), weight, bias).reshape(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
+    choice = products[linear]
+    return F.linear(x, weight, bias) if choice is None else choice(x, weight, bias)

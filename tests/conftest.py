@@ -12,7 +12,8 @@ from patchkit import plugins
 
 
 def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", help="also run tests marked slow, and more hypothesis cases")
+    parser.addoption("--slow", action="store_true",
+                     help="also run tests marked slow (deselected without it), and more hypothesis cases")
 
 
 def pytest_configure(config):
@@ -27,23 +28,31 @@ def pytest_configure(config):
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 
+EVERY_FAMILY = ("test_moe.py", "test_contexts.py")  # files whose per-family tests run every family by default
+
+
 def _slow_family(item) -> bool:
     from .families import SLOW_FAMILIES
 
     params = getattr(item, "callspec", None)
-    return item.path.name != "test_moe.py" and params is not None and any(
+    return item.path.name not in EVERY_FAMILY and params is not None and any(
         (v if isinstance(v, str) else getattr(v, "name", None)) in SLOW_FAMILIES for v in params.params.values())
 
 
 def pytest_collection_modifyitems(config, items):
+    """Mark the slow families' tests slow; without `--slow`, deselect every slow test (shown as "deselected", not
+    as thousands of skips), so the summary's skips are the real ones (no GPU, a package missing), with reasons."""
     cuda = torch.cuda.is_available()
     for item in items:
         if _slow_family(item):
             item.add_marker(pytest.mark.slow)
         if "cuda" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "slow" in item.keywords and not config.getoption("--slow"):
-            item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
+    if not config.getoption("--slow"):
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 @pytest.fixture(autouse=True)

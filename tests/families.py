@@ -16,7 +16,7 @@ SPREAD = ["llama", "gemma2", "phi3", "granite", "olmo2", "cohere2"]
 
 
 # Mixture-of-experts families whose dense parts are other families' (Mistral, OLMo 2, Granite): the default run
-# checks them in tests/test_moe.py, `--slow` in every per-family test as well (conftest)
+# checks them in tests/test_moe.py and tests/test_contexts.py, `--slow` in every per-family test as well (conftest)
 SLOW_FAMILIES = {"mixtral", "olmoe", "granitemoe"}
 
 

@@ -44,8 +44,8 @@ SCRIPT = textwrap.dedent("""
         from triton.runtime.driver import driver
         _triton.on = lambda device: guard(1, driver.active)
         for op, fn in aot.SHAPES.items():
-            from patchkit.kernels.providers import TRITON
-            for case, run in fn(TRITON.ops[op], torch.bfloat16):
+            from patchkit.kernels.providers import TORCH, TRITON
+            for case, run in fn(TRITON.ops.get(op, TORCH.ops[op]), torch.bfloat16):
                 run()
                 break
     _triton.on = real_on

@@ -49,6 +49,13 @@ def test_list_and_plugins(capsys):
     out = capsys.readouterr().out
     assert "llama: model types llama" in out and "ops rms_norm, rope, mlp, cross_entropy" in out
     assert "torch: devices any" in out
+    backends = out[out.index("backends:"):].splitlines()[1:]
+    torch_line = next(line for line in backends if line.startswith("  torch:"))
+    assert "lora_linear, lora_mlp" in torch_line and "runs torch's" not in torch_line
+    for name in ("triton", "liger"):  # the LoRA ops are torch's composition under every backend: listed as such
+        line = next(line for line in backends if line.startswith(f"  {name}:"))
+        ops, _, borrowed = line.partition("; runs torch's ")
+        assert "lora" not in ops and borrowed.endswith("lora_linear, lora_mlp"), line
     assert main(["plugins"]) == 0
     assert "patchkit.architectures  patchkit" in capsys.readouterr().out
 
@@ -57,6 +64,27 @@ def test_errors_are_one_line():
     proc = subprocess.run([sys.executable, "-m", "patchkit", "verify", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("patchkit: error: no patchkit architecture for 'nope'")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """patchkit's own errors for bad input (`UsageError`, a `TypeError`; `PatchError`; `BackendError`) print one
+    line; any other exception, a `TypeError` from a bug included, propagates with its traceback."""
+    import patchkit
+
+    monkeypatch.setattr(patchkit, "verify", lambda *a, **kw: patchkit.patch(42))
+    assert main(["verify", "llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("patchkit: error: patchkit takes an architecture name") and err.count("\n") == 1
+    assert issubclass(patchkit.UsageError, TypeError)
+
+    def bug(*args, **kwargs):
+        return len(None)  # TypeError: object of type 'NoneType' has no len()
+
+    monkeypatch.setattr(patchkit, "verify", bug)
+    with pytest.raises(TypeError, match="has no len"):
+        main(["verify", "llama"])
+    assert capsys.readouterr().err == ""
 
 
 def test_version_names_the_distribution(capsys):

@@ -140,19 +140,27 @@ def test_compiled_packed_rows_match_eager_unpatched():
         _assert_matches(_loss_and_grads(model, compiled, batch), expected)
 
 
-def test_per_document_attention_looks_once_per_forward(monkeypatch):
-    """Eager: finding the documents of packed rows syncs with the host once per forward, not once per layer."""
+def test_per_document_attention_reads_the_device_once_per_layer(monkeypatch):
+    """Eager: each layer finds the documents of packed rows afresh (nothing cached on the caller's tensors), with one
+    read from the device; compiled, it steps aside (transformers' packed mask keeps the documents apart)."""
     from patchkit import attention
 
-    calls = []
+    calls, reads = [], []
     real = attention.documents
     monkeypatch.setattr(attention, "documents", lambda *a: calls.append(1) or real(*a))
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(1) or real_cpu(self, *a, **k))
     model = _model("llama")
     batch = _batch(model)
+    batch["position_ids"] = torch.cat([torch.arange(9), torch.arange(10)]).expand(3, -1)  # two documents a row
+    batch.pop("attention_mask")
+    batch["use_cache"] = False  # as TRL's SFT does: transformers then keeps packed documents apart
     patchkit.patch("llama")
     model(**batch)
-    model(**batch)
-    assert len(calls) == 2 and model.config.num_hidden_layers > 1
+    assert len(calls) == len(reads) == model.config.num_hidden_layers > 1
+    calls.clear()
+    torch.compile(model, backend="aot_eager", fullgraph=True)(**batch)
+    assert not calls
 
 
 def test_triton_backend_compiles_to_custom_ops():

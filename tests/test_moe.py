@@ -12,9 +12,9 @@ from patchkit.generation import generate
 from patchkit.parity import tiny_batch, tiny_model, text_vocab
 from patchkit.plugins import manager
 
-from .families import experts_class, train_step
+from .families import BUILTIN, experts_class, train_step
 
-MOE = ["qwen3_moe", "mixtral", "olmoe", "granitemoe", "gpt_oss"]
+MOE = [a.name for a in BUILTIN if "experts" in a.ops()]
 IMPLEMENTATIONS = ["grouped_mm", "batched_mm", "eager"]
 
 
@@ -123,3 +123,18 @@ def test_peft_lora_on_experts_and_projections(name):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
     for n, g in ref_grads.items():
         assert (grads[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+
+
+def test_bench_train_times_the_sparse_blocks_share(monkeypatch):
+    """`patchkit bench train --arch qwen3_moe` also times one sparse block: the blocks' share of the step."""
+    from patchkit.bench import train
+
+    # the MFU's yardstick and the memory marks (a full garbage collection each) are not what is tested
+    monkeypatch.setattr(train, "matmul_flops", lambda: 1e11)
+    monkeypatch.setattr(train, "reset_peak", lambda: 0)
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, vocab_size=128, max_position_embeddings=64)
+    summary = train.train("qwen3_moe", batch=1, seq=16, dims=dims, rounds=1, steps=1)
+    assert summary["sparse_blocks"] == 2
+    assert all(summary[v]["block_s"] > 0 and summary[v]["fwd_bwd_s"] > 0 for v in train.VARIANTS)
+    assert "one sparse block (router and experts)" in train.report(summary)

@@ -34,14 +34,14 @@ def _run(model, batch, spy):
 def splits(monkeypatch):
     """The documents each attention call split its rows into (None: unsplit)."""
     seen = []
-    original = attention._documents_once
+    original = attention.documents
 
     def spy(*args):
         docs = original(*args)
         seen.append(docs)
         return docs
 
-    monkeypatch.setattr(attention, "_documents_once", spy)
+    monkeypatch.setattr(attention, "documents", spy)
     return seen
 
 

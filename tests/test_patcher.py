@@ -139,9 +139,9 @@ def test_unknown_target_lists_known_ones():
     with pytest.raises(patchkit.UnknownArchitectureError, match=r"did you mean 'qwen3'"):
         patchkit.patch("Qwen-3")
     for bad in (42, 3.5, object()):
-        with pytest.raises(TypeError, match="takes an architecture name, a model type, a config, a model"):
+        with pytest.raises(patchkit.UsageError, match="takes an architecture name, a model type, a config, a model"):
             patchkit.patch(bad)
-    with pytest.raises(TypeError,
+    with pytest.raises(patchkit.UsageError,  # a TypeError, as Python's own for an unexpected keyword
                        match="unknown op.*the ops are attention, cross_entropy, generate, lora, mlp, rms_norm, rope"):
         patchkit.patch("llama", flash=True)
     with pytest.raises(patchkit.BackendError, match="unknown backend 'gpu'; known backends: auto, torch"):

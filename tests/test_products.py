@@ -1,9 +1,11 @@
 """The inference path's matrix products: the fastest kernel per weight shape and row count, measured once."""
 
 import functools
+import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from patchkit import architectures as A
 from patchkit import generation, inference, products
@@ -83,25 +85,35 @@ def test_project_in_a_decode_step_gives_the_linear_with_every_choice(ranked, fir
     assert (table[linear] is None) == (first == "linear")
 
 
-def test_project_outside_a_decode_step_transposes_only_where_that_is_faster(ranked, monkeypatch):
+def test_project_outside_a_decode_step_calls_the_layer_and_times_nothing(monkeypatch):
     linear = torch.nn.Linear(1024, 1040)
+    monkeypatch.setattr(products, "_ranked", {})
+    monkeypatch.setattr(products, "ranking", lambda *a: pytest.fail("timed outside a decode call"))
+    calls = []
+    linear.register_forward_hook(lambda *a: calls.append(1))  # an engine's hooks (FSDP, TP) run
     x = torch.randn(5, 1, 1024)
-    used = []
-    real = products._wxt
-    monkeypatch.setattr(products, "_wxt", lambda *a: used.append(1) or real(*a))
     with torch.no_grad():
-        for order, transposed in ((("onednn", "wxt", "linear"), True), (("mkl", "linear", "wxt"), False)):
-            ranked(order)  # copies are for decode calls only: W @ x^T where it beats F.linear
-            used.clear()
-            torch.testing.assert_close(products.project(linear, x), linear(x))
-            assert bool(used) == transposed
-        used.clear()
-        ranked(("wxt", "linear"))
-        products.project(torch.nn.Linear(64, 64), x[..., :64])  # small: F.linear, nothing measured
-    assert not used
-    x.requires_grad_(True)
-    products.project(linear, x)  # with autograd: F.linear
-    assert not used
+        torch.testing.assert_close(products.project(linear, x), F.linear(x, linear.weight, linear.bias))
+    assert calls == [1]
+
+
+def test_ranking_draws_nothing_from_the_global_generator(monkeypatch, caplog):
+    monkeypatch.setattr(products, "_ranked", {})
+    weights = torch.randn(64, 256), torch.randn(64, 128)
+    state = torch.get_rng_state()
+    with caplog.at_level(logging.INFO, logger="patchkit"):
+        for weight in weights:
+            products.ranking(weight, None, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len([r for r in caplog.records if "times" in r.getMessage()]) == 1  # logged once per process
+
+
+def test_timing_off_by_environment(ranked, monkeypatch):
+    ranked((*COPYING, "wxt", "linear"))
+    monkeypatch.setenv("PATCHKIT_TIMED_PRODUCTS", "0")
+    big = torch.nn.Linear(256, 256)
+    with torch.no_grad():
+        assert products.Products(4)[big] is None  # F.linear
 
 
 def test_batched_decoding_gives_the_same_logits_with_and_without_copies(ranked):

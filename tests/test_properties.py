@@ -49,7 +49,10 @@ def _check(out, expected, dtype, exact, fp32_tol=1e-5):
     low precision can be the less accurate one (its bf16 tanh saturates to 1 early).
     """
     out, expected = out.float(), expected.float()
-    assert torch.equal(torch.isnan(out), torch.isnan(expected)), "NaN pattern differs from the reference"
+    # a low-precision BLAS may spread a NaN past its row (oneDNN's bf16 matmul on a CPU): the exact run's pattern
+    # is the true one, the reference's is allowed
+    nan = torch.isnan(out)
+    assert torch.equal(nan, torch.isnan(expected)) or torch.equal(nan, torch.isnan(exact)), "NaN pattern differs"
     finite = torch.isfinite(expected)
     assert torch.equal(out[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)])
     if not finite.any():
@@ -161,8 +164,8 @@ def test_fused_linear_cross_entropy(backend, data, dtype, softcap, ignore, reduc
     cross_entropy.CHUNK_ELEMENTS = chunk  # vocab does not divide the chunk
     # the design's standard for the fused cross-entropy, 1e-4: chunks round differently. The weight gradient sums
     # one product per chunk, so its rounding grows as the square root of their number: here chunks of 1 to 7 rows
-    # (real ones hold 2^25 logits or more, 131+ rows); one found case, logits near 1e3 soft-capped to 0.5 in 130
-    # one-row chunks, was 4.3e-4 off where one product is 0.9e-4
+    # (real ones hold 2^25 logits or more, 131+ rows); one such case, logits near 1e3 soft-capped to 0.5 in 130
+    # one-row chunks, is 4.3e-4 off where one product is 0.9e-4
     chunks = math.ceil(tokens / max(chunk // vocab, 1))
     try:
         _run_both(lambda h, w: kernels.fused_linear_cross_entropy(h, w, labels, backend=backend, **kw),

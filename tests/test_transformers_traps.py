@@ -1,4 +1,4 @@
-"""Guards for the transformers 5.x / TRL traps listed in shared/TRANSFORMERS-5.md."""
+"""Guards for transformers 5.x and TRL traps: checkpointing, output capture, signatures, import names."""
 
 import contextlib
 
@@ -174,6 +174,6 @@ def test_transformers_probe_for_hub_kernels_does_not_load_patchkit_kernels_twice
             "            and (getattr(v, '__file__', None) or '').startswith(mine)], 'kernel modules imported twice'\n"
             "assert not is_kernels_available() or hasattr(kernels, 'kernelize')\n")
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
-    # a script in benchmarks/ has its folder first on the path: nothing there may be named `kernels`
-    script = "import sys; sys.path.insert(0, 'benchmarks'); import transformers.modeling_utils"
+    # a script in examples/ has its folder first on the path: nothing there may be named `kernels`
+    script = "import sys; sys.path.insert(0, 'examples'); import transformers.modeling_utils"
     subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=300)

@@ -77,6 +77,29 @@ def test_liger_is_not_offered_on_cpu():
         assert kernels.resolve(op, "auto", "cpu") is kernels.TORCH.ops[op]
 
 
+def test_an_op_a_backend_lacks_runs_torchs_where_the_backend_runs(monkeypatch):
+    """The LoRA ops are the torch provider's alone; an explicit triton or liger backend runs them (and liger
+    `linear_log_probs`) as torch's, once it can run on the device at all."""
+    from dataclasses import replace
+
+    kernels.clear_cache()
+    for op in ("lora_linear", "lora_mlp"):
+        assert op in kernels.TORCH.ops and op not in kernels.TRITON.ops and op not in kernels.LIGER.ops
+        assert kernels.resolve(op, "triton", "cpu") is kernels.TORCH.ops[op]  # TRITON_INTERPRET=1 here
+        with pytest.raises(patchkit.BackendError, match="backend 'liger' (needs liger-kernel|runs on cuda only)"):
+            kernels.resolve(op, "liger", "cpu")
+    runnable = replace(manager().providers["liger"], check=lambda device: None)  # as on a GPU
+    monkeypatch.setitem(manager().providers, "liger", runnable)
+    kernels.clear_cache()
+    try:
+        assert kernels.resolve("linear_log_probs", "liger", "cuda") is kernels.TORCH.ops["linear_log_probs"]
+        assert kernels.resolve("rms_norm", "liger", "cuda") is runnable.ops["rms_norm"]
+        with pytest.raises(patchkit.BackendError, match="backend 'liger' has no 'nope'"):
+            kernels.resolve("nope", "liger", "cuda")
+    finally:
+        kernels.clear_cache()
+
+
 def test_auto_on_cuda_prefers_liger_then_triton(monkeypatch):
     """The rule itself, with both providers declared runnable (there is no GPU here)."""
     from dataclasses import replace

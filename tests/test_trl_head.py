@@ -2,6 +2,7 @@
 routing that follows patch and unpatch, and exact restoration of TRL."""
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 
@@ -162,6 +163,41 @@ def test_every_trainers_head_is_patchkits_with_its_options(module, side, caplog,
         a, b = getattr(got, name), getattr(want, name)
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_trls_head_runs_the_backend_the_patch_was_made_with(backend, monkeypatch):
+    """`patch(..., backend=...)` holds for TRL's head as for the loss: Triton's log-probs (under the interpreter) for
+    "triton", torch's for "torch" even where `auto` would pick Triton (made to here)."""
+    from trl.trainer import grpo_trainer
+    from trl.trainer.utils import add_fused_lm_head as trl_head
+
+    from patchkit import kernels
+    from patchkit.architectures import Llama
+    from patchkit.plugins import manager
+
+    ran = []
+    for name in ("_step_torch", "_step_triton"):
+        real = getattr(log_probs, name)
+        monkeypatch.setattr(log_probs, name, lambda *a, _r=real, _n=name: ran.append(_n) or _r(*a))
+    triton_on_cpu = dataclasses.replace(kernels.TRITON, auto_devices=("cuda", "cpu"))  # auto: Triton, on CPU too
+    monkeypatch.setitem(manager().providers, "triton", triton_on_cpu)
+    kernels.clear_cache()
+    batch = tiny_batch(211)
+    try:
+        with patchkit.patched("llama", backend=backend):
+            model = tiny_model(Llama).train()
+            reference = tiny_model(Llama).train()
+            reference.load_state_dict(model.state_dict())
+            grpo_trainer.add_fused_lm_head(model, outputs=OUTPUTS)
+            got = model(**batch, fused_lm_head=True)
+    finally:
+        kernels.clear_cache()
+    assert ran and set(ran) == {f"_step_{backend}"}
+    trl_head(reference, outputs=OUTPUTS)
+    want = reference(**batch, fused_lm_head=True)
+    for name in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
 
 
 def test_a_head_patchkit_cannot_serve_stays_with_trl_and_says_why(caplog):

@@ -105,7 +105,7 @@ def _counting_trl_and_generation(calls: dict[str, int]):
     from transformers.generation.utils import GenerationMixin
     from trl.kernels import ChunkedLogProbFunction
 
-    from patchkit import generation, inference
+    from patchkit import generation, inference, products
 
     class Products(inference.Products):
         def __init__(self, rows, packed=True):
@@ -127,6 +127,7 @@ def _counting_trl_and_generation(calls: dict[str, int]):
         counted(GenerationMixin, "_sample", "transformers_sample")
         counted(generation, "_decode_loop", "decode_loop")
         mp.setattr(inference, "Products", Products)
+        mp.setattr(products, "_ranked", {})  # every shape timed afresh in this run
         yield
 
 
@@ -135,7 +136,10 @@ def _train(case: Case, tmp_path, patched: bool) -> dict[str, Any]:
     if not path.exists():
         tokenizer = toy.word_tokenizer(VOCAB)
         torch.manual_seed(0)
-        toy.model("llama", tokenizer).save_pretrained(path)
+        # GRPO's and RLOO's: weights large enough that the decode loop times its products (`products.MEASURED`),
+        # which must draw nothing from the run's seeded generator
+        sizes = dict(hidden_size=128, intermediate_size=256, head_dim=32) if case.trainer in ("grpo", "rloo") else {}
+        toy.model("llama", tokenizer, **sizes).save_pretrained(path)
         tokenizer.save_pretrained(path)
     recorder, calls = Recorder(), {}
     with (patchkit.patched("llama") if patched else contextlib.nullcontext()), _counting_kernel_calls(calls), \

@@ -90,20 +90,22 @@ def _peak(device):
 
 
 def _implementations(device):
+    """Name -> the op's implementation there, or None where that provider has none (liger's log-probs)."""
     impls = {"unfused": lambda op: getattr(reference, op), "torch": lambda op: kernels.TORCH.ops[op]}
     if device.type == "cuda":
-        impls["triton"] = lambda op: kernels.TRITON.ops[op]
+        impls["triton"] = lambda op: kernels.TRITON.ops.get(op)
         if kernels.LIGER.unavailable("cuda") is None:
-            impls["liger"] = lambda op: kernels.LIGER.ops[op]
+            impls["liger"] = lambda op: kernels.LIGER.ops.get(op)
     return impls
 
 
 def run(device: str | None = None, dtype: str | None = None, reps: int = 5) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    impls = _implementations(dev)
+    every = _implementations(dev)
     rows = []
     for op in BENCHED:
+        impls = {name: get for name, get in every.items() if get(op) is not None}
         args = _inputs(op, dev, dt)  # the first two are differentiated in every op
         times = {name: [] for name in impls}
         peaks = {name: [] for name in impls}

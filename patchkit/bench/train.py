@@ -3,7 +3,9 @@ model. Reports tokens/s and peak resident memory of the process: over the whole 
 forward+backward (what patchkit changes; AdamW's own temporaries come after), and how much
 forward+backward adds on top of what was resident before (weights, optimizer state). With
 `compile=True` (`--compile`), the model compiled with `torch.compile` (inductor) too, patched and
-unpatched, in the same alternation; the first step of each compiled variant is its compile time.
+unpatched, in the same alternation; the first step of each compiled variant is its compile time. For a
+mixture-of-experts model, each eager step also times one sparse block's forward and backward (router and
+experts) over the step's tokens: the sparse blocks' share of the forward and backward.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ def _patch_state(name: str, variant: str):
     return patchkit.patched(name) if variant.split()[-1] == "patched" else contextlib.nullcontext()
 
 
+def _sparse_blocks(model) -> list[torch.nn.Module]:
+    """The model's sparse blocks: the modules holding an `experts` module (none in a dense model)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)]
+
+
+def _time_block(block: torch.nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one forward and backward of `block` on `x`; the gradients it leaves are dropped."""
+    start = time.perf_counter()
+    out = block(x)
+    (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    seconds = time.perf_counter() - start
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    return seconds
+
+
 def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAIN, rounds: int = 4, steps: int = 2,
           progress=None, compile: bool = False) -> dict:
     name, model = model_for(arch, dims)
@@ -45,14 +63,20 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
     matmul_params = n_params - model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
     causal_attention = 6 * config.num_hidden_layers * seq * tokens * config.hidden_size
     flops_per_step = 6 * matmul_params * tokens + causal_attention
+    blocks = _sparse_blocks(model)
+    block_input = torch.randn(batch, seq, config.hidden_size, requires_grad=True)
 
     def step(variant, record=None):
         """One training step; with `record`, the time and the peak RSS of forward+backward and of the optimizer."""
         forward = compiled if variant.startswith("compiled") else model
+        if record is not None and "block" in record:
+            record["block"].append(_time_block(blocks[-1], block_input))
         before = reset_peak()
         start = time.perf_counter()
         forward(**inputs).loss.backward()
         seconds = time.perf_counter() - start
+        if record is not None and "block" in record:
+            record["fwd_bwd"].append(seconds)
         model_peak = status_bytes("VmHWM")
         reset_peak()
         start = time.perf_counter()
@@ -67,7 +91,8 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
             record["model_added"].append(model_peak - before)
 
     order = [*VARIANTS, *(COMPILED if compile else ())]
-    results = {v: {"s": [], "peak": [], "model_peak": [], "model_added": []} for v in order}
+    results = {v: {"s": [], "peak": [], "model_peak": [], "model_added": [],
+                   **({"block": [], "fwd_bwd": []} if blocks and v in VARIANTS else {})} for v in order}
     compile_s: dict[str, float] = {}
     for variant in order:  # warm-up: allocator, optimizer state, compiling (caches off: a cold compile), two steps
         with _patch_state(name, variant), torch.compiler.config.patch(force_disable_caches=True):
@@ -87,7 +112,10 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
         summary[variant] = medians({"tokens_per_s": [tokens / s for s in r["s"]], "s_per_step": r["s"],
                                     "mfu": [flops_per_step / s / peak_flops for s in r["s"]],
                                     **{f"{k}_gib": [b / 2**30 for b in r[k]]
-                                       for k in ("peak", "model_peak", "model_added")}})
+                                       for k in ("peak", "model_peak", "model_added")},
+                                    **({"block_s": r["block"], "fwd_bwd_s": r["fwd_bwd"]} if "block" in r else {})})
+    if blocks:
+        summary["sparse_blocks"] = len(blocks)
     if compile:
         summary["compile_s"] = {v: compile_s[v] for v in COMPILED}
     for prefix, (unpatched, patched) in (("", VARIANTS), ("compiled_", COMPILED))[:2 if compile else 1]:
@@ -117,6 +145,10 @@ def report(summary: dict) -> str:
     if "compile_s" in summary:
         times = ", ".join(f"{v} {s:.0f} s" for v, s in summary["compile_s"].items())
         lines.append(f"\nfirst step (compiling): {times}")
+    for v in VARIANTS if "sparse_blocks" in summary else ():
+        block, whole, n = summary[v]["block_s"], summary[v]["fwd_bwd_s"], summary["sparse_blocks"]
+        lines.append(f"\n{v}: one sparse block (router and experts) {block:.3f} s x {n} blocks of a {whole:.2f} s "
+                     f"forward+backward: {block * n / whole:.0%}")
     lines.append(f"\nmatmul measured in the same run: {summary['matmul_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
