@@ -94,9 +94,8 @@ def _compare(got: dict, want: dict, tolerance: dict[str, float]):
             assert err <= bound, f"{name}: {err:.3g} > {bound:.3g}"
 
 
-def _model(arch, dtype=None):
-    model = tiny_model(arch)
-    return model if dtype is None else model.to(dtype)
+def _model(arch):
+    return tiny_model(arch)
 
 
 def _batch(model):
@@ -139,14 +138,13 @@ CONTEXTS = {
     "inference_mode": (None, {"outer": torch.inference_mode}),
     "enable_grad_eval": (None, {"outer": torch.enable_grad, "backward": True}),
     "autocast": (None, {"outer": lambda: torch.autocast("cpu", dtype=torch.bfloat16), **TRAIN}),
-    "compiled": (_compiled, {**TRAIN, "light": True}),
+    "compiled": (_compiled, {**TRAIN, "light": True}),  # the reference: transformers' eager numbers
     "checkpointing": (lambda m: _checkpointed(m, False), TRAIN),
     "checkpointing_reentrant": (lambda m: _checkpointed(m, True), TRAIN),
     "half": (lambda m: m.half(), TRAIN),  # after patching
     "bfloat16": (lambda m: m.bfloat16(), TRAIN),
     "thread": (None, {**TRAIN, "thread": True}),  # patched in this thread, called in another
 }
-PATCHED_ONLY = {"compiled"}  # the reference runs without it: transformers' eager numbers
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,10 +157,10 @@ def _reference(name: str) -> dict:
     return _calls(model, _batch(model), backward=True, train=True, loops=LOOPS[:1])
 
 
-def _run(context, model, batch, patched=True, **kw):
+def _run(context, model, batch, **kw):
     prepare, options = CONTEXTS[context]
     options = {**options, **kw}
-    if prepare is not None and (patched or context not in PATCHED_ONLY):
+    if prepare is not None:
         model = prepare(model)
     if options.pop("thread", False):
         return _in_thread(lambda: _calls(model, batch, **options))
@@ -176,7 +174,7 @@ def test_a_patched_model_matches_unpatched_in_every_context(arch, context):
     model = _model(arch)
     batch = _batch(model)
     # transformers' loop only: what both of the patched model's loops must give
-    want = dict(_run(context, model, batch, patched=False, loops=LOOPS[:1]) if context in LOW else exact)
+    want = dict(_run(context, model, batch, loops=LOOPS[:1]) if context in LOW else exact)
     want.update({key.replace(*LOOPS): value for key, value in want.items() if LOOPS[0] in key})
     model = _model(arch)
     patchkit.patch(model)  # before the context is entered: half() and bfloat16() come after patching

@@ -64,7 +64,7 @@ def train(arch: str = "llama", batch: int = 4, seq: int = 512, dims: dict = TRAI
     causal_attention = 6 * config.num_hidden_layers * seq * tokens * config.hidden_size
     flops_per_step = 6 * matmul_params * tokens + causal_attention
     blocks = _sparse_blocks(model)
-    block_input = torch.randn(batch, seq, config.hidden_size, requires_grad=True)
+    block_input = torch.randn(batch, seq, config.hidden_size, requires_grad=True) if blocks else None
 
     def step(variant, record=None):
         """One training step; with `record`, the time and the peak RSS of forward+backward and of the optimizer."""
